@@ -1,0 +1,347 @@
+"""Host side of ``lk_conv2d``: input validation, branch-to-slot folding, dispatch and the Triton launchers.
+
+Device code: ``slak_triton.kernels.lk_conv2d``. Reference: ``slak_triton.reference.lk_conv2d_reference``.
+
+Branches are folded into at most two *slots* before the launch: every branch whose kernel is at least as tall as
+it is wide goes to the tall slot, the others to the wide slot, and the branches of one slot are zero-padded to the
+slot's (max kh, max kw) and summed (SLaK's 5x5 branch lands in the 51x5 tall slot). Folding touches only the
+weights (C * 255 elements for SLaK): the input is read once and the output written once, by one kernel launch.
+Folding is exact because every branch is centred ("same" padding of kh//2, kw//2), and it is made of autograd
+ops, so each branch's weight gradient is the matching slice of its slot's gradient.
+"""
+
+import collections
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import triton
+
+from slak_triton.kernels.lk_conv2d import (
+    lk_conv2d_default_config,
+    lk_conv2d_fwd_configs,
+    lk_conv2d_fwd_kernel,
+)
+from slak_triton.reference import lk_conv2d_reference
+
+__all__ = [
+    "lk_conv2d",
+    "block_shape",
+    "TAPS_PER_BLOCK",
+    "BACKENDS",
+    "MAX_KERNEL_SIZE",
+    "LAUNCH_COUNTS",
+    "interpreter_active",
+    "fold_branches",
+    "launch_lk_conv2d_fwd",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+#: Taps per sparsity block along a kernel's long axis (see ``block_shape``).
+TAPS_PER_BLOCK = 32
+MAX_KERNEL_SIZE = 63
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+#: Kernel launches per kernel name, counted on every Triton launch (compiled or interpreted). Tests read it to
+#: prove that the Triton path ran and not the reference.
+LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
+
+WeightArg = Union[torch.Tensor, Sequence[torch.Tensor]]
+MaskArg = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+
+def interpreter_active() -> bool:
+    """True when the kernels were defined under ``TRITON_INTERPRET=1`` and so run on CPU tensors.
+
+    Triton chooses interpreter or compiler when a ``@triton.jit`` function is defined, so the variable must be set
+    before ``slak_triton`` is imported."""
+    return type(lk_conv2d_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("SLAK_TRITON_AUTOTUNE", "1") != "0" and not interpreter_active()
+
+
+def fp32_precision() -> str:
+    """How fp32 operands use tensor cores: ``SLAK_TRITON_FP32_PRECISION`` = tf32x3 (default: three TF32 products,
+    about fp32 accuracy), ieee (FMA units, exact fp32), tf32 (fastest, ~1e-3 relative error)."""
+    p = os.environ.get("SLAK_TRITON_FP32_PRECISION", "tf32x3")
+    if p not in FP32_PRECISIONS:
+        raise ValueError(f"SLAK_TRITON_FP32_PRECISION: expected one of {FP32_PRECISIONS}, got {p!r}")
+    return p
+
+
+def block_shape(kh: int, kw: int) -> Tuple[int, int]:
+    """The unit of block sparsity the kernels skip, for a [kh, kw] depthwise kernel of one channel.
+
+    A block is a run of up to ``TAPS_PER_BLOCK`` consecutive taps along the kernel's long axis at one position of
+    its short axis (blocks start at tap 0; the last one may be shorter): (min(32, kh), 1) when kh >= kw (tall),
+    else (1, min(32, kw)) (wide). A mask whose blocks are all-ones or all-zeros makes the kernels do work in
+    proportion to the active blocks; any other mask is still exact, at the cost of its blocks' union."""
+    for name, k in (("kh", kh), ("kw", kw)):
+        if not isinstance(k, int) or k < 1 or k % 2 == 0 or k > MAX_KERNEL_SIZE:
+            raise ValueError(f"{name}: expected an odd int in 1..{MAX_KERNEL_SIZE}, got {k!r}")
+    if kh >= kw:
+        return (min(TAPS_PER_BLOCK, kh), 1)
+    return (1, min(TAPS_PER_BLOCK, kw))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------------------
+
+def _as_list(arg, name: str) -> List:
+    if isinstance(arg, torch.Tensor):
+        return [arg]
+    if isinstance(arg, (list, tuple)):
+        if len(arg) == 0:
+            raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors, got an empty {type(arg).__name__}")
+        return list(arg)
+    raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(arg).__name__}")
+
+
+def _validate(x, weights, bias, masks, backend) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor [N, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating dtype (float16, bfloat16, float32), got {x.dtype}")
+    N, C, H, W = x.shape
+    if C < 1 or H < 1 or W < 1:
+        raise ValueError(f"x: expected C, H, W >= 1, got shape {tuple(x.shape)}")
+    ws = _as_list(weight := weights, "weight")
+    for i, w in enumerate(ws):
+        nm = "weight" if isinstance(weight, torch.Tensor) else f"weight[{i}]"
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{nm}: expected a torch.Tensor, got {type(w).__name__}")
+        if w.dim() != 4 or w.shape[1] != 1:
+            raise ValueError(f"{nm}: expected shape [C, 1, kh, kw] (depthwise), got {tuple(w.shape)}")
+        if w.shape[0] != C:
+            raise ValueError(f"{nm}: expected {C} output channels to match x.shape[1], got {w.shape[0]}")
+        kh, kw = w.shape[-2:]
+        for axis, k in (("kh", kh), ("kw", kw)):
+            if k % 2 == 0:
+                raise ValueError(f"{nm}: expected odd kernel sizes ('same' padding), got {axis}={k} in shape {tuple(w.shape)}")
+            if k > MAX_KERNEL_SIZE:
+                raise ValueError(f"{nm}: expected kernel sizes <= {MAX_KERNEL_SIZE}, got {axis}={k}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"{nm}: expected dtype {x.dtype} (same as x), got {w.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"{nm}: expected device {x.device} (same as x), got {w.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (C,):
+            raise ValueError(f"bias: expected shape ({C},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias: expected dtype {x.dtype} (same as x), got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: expected device {x.device} (same as x), got {bias.device}")
+    if masks is None:
+        ms = [None] * len(ws)
+    elif isinstance(masks, torch.Tensor):
+        if len(ws) != 1:
+            raise ValueError(f"mask: expected a sequence of {len(ws)} masks (one per weight) or None, got one tensor")
+        ms = [masks]
+    elif isinstance(masks, (list, tuple)):
+        if len(masks) != len(ws):
+            raise ValueError(f"mask: expected {len(ws)} entries (one per weight), got {len(masks)}")
+        ms = list(masks)
+    else:
+        raise TypeError(f"mask: expected None, a tensor or a sequence, got {type(masks).__name__}")
+    for i, (w, m) in enumerate(zip(ws, ms)):
+        if m is None:
+            continue
+        nm = "mask" if isinstance(masks, torch.Tensor) else f"mask[{i}]"
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{nm}: expected a torch.Tensor or None, got {type(m).__name__}")
+        if m.shape != w.shape:
+            raise ValueError(f"{nm}: expected shape {tuple(w.shape)} (same as its weight), got {tuple(m.shape)}")
+        if m.device != x.device:
+            raise ValueError(f"{nm}: expected device {x.device} (same as x), got {m.device}")
+        if not (m.dtype == torch.bool or m.is_floating_point()):
+            raise TypeError(f"{nm}: expected a bool or floating dtype, got {m.dtype}")
+    return ws, ms
+
+
+def _resolve_backend(x: torch.Tensor, backend: str) -> str:
+    """Returns "cuda" (compiled Triton), "interpret" (Triton interpreter on CPU) or "reference"."""
+    if backend == "reference":
+        return "reference"
+    triton_ok = x.dtype in SUPPORTED_DTYPES
+    if x.is_cuda:
+        where = "cuda"
+    elif x.device.type == "cpu" and interpreter_active():
+        where = "interpret"
+    else:
+        where = None
+    if backend == "triton":
+        if not triton_ok:
+            raise TypeError(f"x: backend='triton' supports dtypes {SUPPORTED_DTYPES}, got {x.dtype} (use backend='reference')")
+        if where is None:
+            raise RuntimeError(
+                f"backend='triton': expected a CUDA tensor, or a CPU tensor with TRITON_INTERPRET=1 set before "
+                f"importing slak_triton; got a tensor on {x.device} with the interpreter "
+                f"{'on' if interpreter_active() else 'off'}")
+        return where
+    # auto
+    if where is None or not triton_ok:
+        return "reference"
+    return where
+
+
+# --------------------------------------------------------------------------------------------------------------
+# branch folding
+# --------------------------------------------------------------------------------------------------------------
+
+def fold_branches(
+    weights: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Applies masks and folds the branches into (tall, wide) slot weights of shape [C, kh, kw] (or None).
+
+    A branch with kh >= kw goes to the tall slot, else to the wide slot. A slot with a single unmasked branch is a
+    view of that weight (no copy); otherwise it is the centred zero-padded sum. Differentiable."""
+    groups = {"tall": [], "wide": []}
+    for w, m in zip(weights, masks):
+        w3 = w[:, 0]
+        if m is not None:
+            w3 = w3 * m[:, 0].to(w3.dtype)
+        groups["tall" if w3.shape[1] >= w3.shape[2] else "wide"].append(w3)
+    out = []
+    for key in ("tall", "wide"):
+        ws = groups[key]
+        if not ws:
+            out.append(None)
+            continue
+        if len(ws) == 1:
+            out.append(ws[0])
+            continue
+        KH = max(w.shape[1] for w in ws)
+        KW = max(w.shape[2] for w in ws)
+        slot = None
+        for w in ws:
+            ph, pw = (KH - w.shape[1]) // 2, (KW - w.shape[2]) // 2
+            wp = torch.nn.functional.pad(w, (pw, pw, ph, ph))
+            slot = wp if slot is None else slot + wp
+        out.append(slot)
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------------------------
+
+_fwd_autotuned = triton.autotune(
+    configs=lk_conv2d_fwd_configs(),
+    key=["C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP"],
+)(lk_conv2d_fwd_kernel)
+
+
+def _needs_wide_idx(t: torch.Tensor) -> bool:
+    """In-plane offsets (including the halo a masked load may point at) reach 2**31."""
+    H, W = t.shape[-2:]
+    pad = 2 * MAX_KERNEL_SIZE + 256
+    return (H + pad) * abs(t.stride(2)) + (W + pad) * abs(t.stride(3)) >= 2**31
+
+
+def launch_lk_conv2d_fwd(
+    x: torch.Tensor,
+    wt: Optional[torch.Tensor],
+    ww: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    *,
+    flip: bool = False,
+    sparse_t=None,
+    sparse_w=None,
+) -> torch.Tensor:
+    """Launches ``lk_conv2d_fwd_kernel``: ``out = conv(x, tall) + conv(x, wide) (+ bias)``.
+
+    x, out: [N, C, H, W] of one dtype, any strides; wt: [C, KH_T, KW_T] or None; ww: [C, KH_W, KW_W] or None;
+    bias: [C] or None. ``flip`` correlates with the kernels rotated by 180 degrees (the input gradient).
+    sparse_t / sparse_w: None (dense) or (items [C, n] int32, counts [C] int32, taps_per_block) block lists.
+    """
+    N, C, H, W = x.shape
+    if N == 0:
+        return out
+    dummy = x  # any tensor: pointers of absent operands are never read
+    KH_T, KW_T = (wt.shape[1], wt.shape[2]) if wt is not None else (0, 0)
+    KH_W, KW_W = (ww.shape[1], ww.shape[2]) if ww is not None else (0, 0)
+    wts = wt.stride() if wt is not None else (0, 0, 0)
+    wws = ww.stride() if ww is not None else (0, 0, 0)
+    t_items, t_count, tb_t = sparse_t if sparse_t is not None else (dummy, dummy, 1)
+    w_items, w_count, tb_w = sparse_w if sparse_w is not None else (dummy, dummy, 1)
+    args = dict(
+        x_ptr=x, wt_ptr=wt if wt is not None else dummy, ww_ptr=ww if ww is not None else dummy,
+        b_ptr=bias if bias is not None else dummy, y_ptr=out,
+        t_items_ptr=t_items, t_count_ptr=t_count, w_items_ptr=w_items, w_count_ptr=w_count,
+        C=C, H=H, W=W,
+        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        syn=out.stride(0), syc=out.stride(1), syh=out.stride(2), syw=out.stride(3),
+        swt_c=wts[0], swt_h=wts[1], swt_w=wts[2],
+        sww_c=wws[0], sww_h=wws[1], sww_w=wws[2],
+        st_items=t_items.stride(0) if sparse_t is not None else 0,
+        sw_items=w_items.stride(0) if sparse_w is not None else 0,
+        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w,
+        SPARSE_T=sparse_t is not None, SPARSE_W=sparse_w is not None,
+        HAS_BIAS=bias is not None, FLIP=flip,
+        WIDE_IDX=_needs_wide_idx(x) or _needs_wide_idx(out),
+        DOT_PREC=fp32_precision(),
+        DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
+    )
+    if _autotune_enabled():
+        grid = lambda meta: (N * C * triton.cdiv(H, meta["BH"]) * triton.cdiv(W, meta["BW"]),)  # noqa: E731
+        _fwd_autotuned[grid](**args)
+    else:
+        cfg = lk_conv2d_default_config(H, W)
+        grid = (N * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
+        lk_conv2d_fwd_kernel[grid](**args, **cfg)
+    LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] += 1
+    return out
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """Output in x's memory format: a dense x keeps its strides (NCHW or channels_last), a strided view gets the
+    format torch suggests for it. Never copies x."""
+    return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public op
+# --------------------------------------------------------------------------------------------------------------
+
+def lk_conv2d(
+    x: torch.Tensor,
+    weight: WeightArg,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    mask: MaskArg = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Depthwise large-kernel convolution, summed over branches, in one pass.
+
+    Args:
+        x: [N, C, H, W] float16 / bfloat16 / float32 (float64 on the reference path), NCHW, channels_last or any
+            strided view; the output has x's memory format.
+        weight: one [C, 1, kh, kw] weight or a sequence of them (e.g. SLaK's 51x5, 5x51 and 5x5 branches); odd
+            kh, kw in 1..63, rectangular allowed. Each branch uses zero "same" padding (kh//2, kw//2).
+        bias: [C] or None, added once.
+        mask: None, a tensor shaped like ``weight``, or a sequence aligned with ``weight`` (entries may be None):
+            the op computes with ``weight * mask``.
+        backend: "auto" (CUDA -> compiled Triton; CPU -> Triton's interpreter when TRITON_INTERPRET=1 was set
+            before import, else the reference), "triton" (error if it cannot run) or "reference" (F.conv2d).
+
+    Returns:
+        [N, C, H, W] in x's dtype: ``sum_b F.conv2d(x, w_b * m_b, padding=(kh_b//2, kw_b//2), groups=C) + bias``.
+    """
+    weights, masks = _validate(x, weight, bias, mask, backend)
+    where = _resolve_backend(x, backend)
+    if where == "reference":
+        return lk_conv2d_reference(x, weights, bias, masks)
+    wt, ww = fold_branches(weights, masks)
+    out = _empty_like_layout(x)
+    return launch_lk_conv2d_fwd(x, wt, ww, bias, out)
