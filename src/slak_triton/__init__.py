@@ -4,9 +4,9 @@ Layering (nothing imports upward): ``slak_triton.kernels`` (device code) <- ``sl
 autograd) <- ``slak_triton.nn`` (modules) <- ``slak_triton.models`` <- sparse training, training and benchmark CLIs.
 """
 
-from .ops import LAUNCH_COUNTS, TAPS_PER_BLOCK, block_shape, interpreter_active, lk_conv2d
+from .ops import LAUNCH_COUNTS, TAPS_PER_BLOCK, block_shape, interpreter_active, lk_conv2d, use_backend
 from .reference import lk_conv2d_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["lk_conv2d", "block_shape", "TAPS_PER_BLOCK", "lk_conv2d_reference", "LAUNCH_COUNTS", "interpreter_active", "__version__"]
+__all__ = ["lk_conv2d", "use_backend", "block_shape", "TAPS_PER_BLOCK", "lk_conv2d_reference", "LAUNCH_COUNTS", "interpreter_active", "__version__"]

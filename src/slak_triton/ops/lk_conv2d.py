@@ -11,6 +11,7 @@ ops, so each branch's weight gradient is the matching slice of its slot's gradie
 """
 
 import collections
+import contextlib
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -26,6 +27,7 @@ from slak_triton.reference import lk_conv2d_reference
 
 __all__ = [
     "lk_conv2d",
+    "use_backend",
     "block_shape",
     "TAPS_PER_BLOCK",
     "BACKENDS",
@@ -49,6 +51,23 @@ LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
 
 WeightArg = Union[torch.Tensor, Sequence[torch.Tensor]]
 MaskArg = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+
+_DEFAULT_BACKEND = ["auto"]
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Context manager: ``backend="auto"`` calls inside it use ``backend`` instead (e.g. "reference" to run a whole
+    model through F.conv2d under TRITON_INTERPRET=1, or "triton" to insist on the kernels). Not thread-local."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    old = _DEFAULT_BACKEND[0]
+    _DEFAULT_BACKEND[0] = backend
+    try:
+        yield
+    finally:
+        _DEFAULT_BACKEND[0] = old
 
 
 def interpreter_active() -> bool:
@@ -339,6 +358,8 @@ def lk_conv2d(
         [N, C, H, W] in x's dtype: ``sum_b F.conv2d(x, w_b * m_b, padding=(kh_b//2, kw_b//2), groups=C) + bias``.
     """
     weights, masks = _validate(x, weight, bias, mask, backend)
+    if backend == "auto":
+        backend = _DEFAULT_BACKEND[0]
     where = _resolve_backend(x, backend)
     if where == "reference":
         return lk_conv2d_reference(x, weights, bias, masks)

@@ -1,0 +1,44 @@
+"""Test set-up: the Triton interpreter on CPU-only machines, and hypothesis profiles.
+
+TRITON_INTERPRET must be set before Triton decorates any kernel, i.e. before slak_triton is imported; this file is
+imported by pytest before every test module. On a CUDA machine the compiled kernels run instead.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci": the interpreter is ~1000x slower than a GPU, so small shapes and few examples.
+# "gpu": full-size shapes and many examples, selected automatically on a CUDA machine.
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=False, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "gpu", max_examples=200, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if ON_GPU else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``-m gpu`` tests need CUDA: skip them (with the reason shown) on CPU-only machines."""
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
