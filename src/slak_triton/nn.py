@@ -1,0 +1,384 @@
+"""PyTorch modules on top of ``lk_conv2d``: SLaK's decomposed large-kernel module and a drop-in depthwise conv.
+
+* ``SparseLKConv`` -- SLaK's large-kernel module: a tall ``K x N`` branch (``LoRA1``), a wide ``N x K`` branch
+  (``LoRA2``) and, when ``N < K``, a small ``N x N`` branch (``small_conv``); each a bias-free depthwise conv
+  followed by its own BatchNorm2d, outputs summed. The state_dict keys are the official ones, so official
+  checkpoints load with ``strict=True``.
+* ``ConvBN`` -- one such branch (``.conv`` an ``nn.Conv2d``, ``.bn`` a BatchNorm2d or absent).
+* ``LKConv2d`` -- an ``nn.Conv2d`` subclass for one depthwise "same" conv that runs on ``lk_conv2d``; keeps the
+  ``weight`` / ``bias`` keys, so a converted model still loads its own checkpoints.
+* ``convert_depthwise(model)`` -- swaps every eligible depthwise ``nn.Conv2d`` of a model for an ``LKConv2d``.
+
+Masks. Any module with a ``weight`` may hold a float 0/1 buffer ``weight_mask`` shaped like the weight (the
+branch convs register it as ``None``, i.e. dense and absent from the state_dict). The modules here compute with
+``weight * weight_mask`` and hand the masks to ``lk_conv2d``, whose kernels skip inactive blocks of taps; the
+block is ``slak_triton.ops.block_shape(kh, kw)`` (a run of taps along the kernel's long axis), so masks drawn per
+block give the speed-up, any other mask is still exact. A state_dict without ``weight_mask`` keys (the official
+checkpoints store sparsity as zeros) loads with ``strict=True``: the mask is derived from the loaded weight's zeros
+(``None`` when it has none). A state_dict with the key loads it.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from slak_triton.ops import lk_conv2d
+from slak_triton.ops.lk_conv2d import MAX_KERNEL_SIZE
+
+__all__ = [
+    "ConvBN",
+    "SparseLKConv",
+    "LKConv2d",
+    "convert_depthwise",
+    "is_convertible_depthwise",
+    "prepare_mask_for_load",
+    "masked_weight",
+]
+
+MASK_NAME = "weight_mask"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------------------------------
+
+def masked_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight * module.weight_mask`` (or the weight alone when the module has no mask)."""
+    mask = getattr(module, MASK_NAME, None)
+    if mask is None:
+        return module.weight
+    return module.weight * mask.to(module.weight.dtype)
+
+
+def prepare_mask_for_load(module: nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str) -> None:
+    """Makes ``module``'s ``weight_mask`` buffer agree with ``state_dict`` before ``module`` is loaded.
+
+    Call it from a parent's (or the module's own) ``_load_from_state_dict``; ``prefix`` is the module's own prefix
+    (``"stages.0.0.pwconv1."``). Modules without a registered ``weight_mask`` buffer are left alone.
+
+    * ``prefix + "weight_mask"`` in the state_dict: allocates the buffer if it is ``None`` so that it is loaded.
+    * absent, ``prefix + "weight"`` present: the mask becomes ``loaded_weight != 0`` when the loaded weight has
+      zeros, else ``None``; a derived mask is put into the (loader's private copy of the) state_dict so that
+      ``strict=True`` reports nothing missing.
+    * both absent (a partial load): nothing changes.
+    """
+    if MASK_NAME not in module._buffers:
+        return
+    mkey, wkey = prefix + MASK_NAME, prefix + "weight"
+    weight = module.weight
+    if mkey in state_dict:
+        if module._buffers[MASK_NAME] is None:
+            setattr(module, MASK_NAME, torch.zeros_like(weight))
+        return
+    loaded = state_dict.get(wkey)
+    if not isinstance(loaded, torch.Tensor) or loaded.shape != weight.shape or loaded.is_meta:
+        return  # nothing to derive from; a shape mismatch is reported by the loader itself
+    nonzero = loaded != 0
+    if bool(nonzero.all()):
+        setattr(module, MASK_NAME, None)
+        return
+    mask = nonzero.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+    setattr(module, MASK_NAME, mask)
+    state_dict[mkey] = mask
+
+
+def _check_int(name: str, value, lo: int, hi: Optional[int] = None, odd: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < lo or (hi is not None and value > hi) or (odd and value % 2 == 0):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}: expected {'an odd' if odd else 'an'} int in {rng}, got {value}")
+    return value
+
+
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    return bn.training or bn.running_mean is None or bn.running_var is None
+
+
+def _fold_bn(weight: torch.Tensor, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w * gamma / std, beta - mean * gamma / std) for a [C, 1, kh, kw] weight and its BatchNorm (eval stats)."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    scale = gamma / std
+    return weight * scale.to(weight.dtype).view(-1, 1, 1, 1), beta - bn.running_mean * scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SLaK's large-kernel module
+# --------------------------------------------------------------------------------------------------------------
+
+class ConvBN(nn.Module):
+    """One branch of ``SparseLKConv``: bias-free depthwise ``nn.Conv2d`` (``.conv``) + ``BatchNorm2d`` (``.bn``).
+
+    Args:
+        channels: C.
+        kernel_size: (kh, kw), odd, "same" zero padding (kh // 2, kw // 2).
+        bn: build ``.bn``; with ``bn=False`` the branch has no BN and no bias.
+
+    Shapes: x [N, C, H, W] -> [N, C, H, W]. ``.conv.weight_mask`` (buffer, default None) masks the weight.
+    """
+
+    def __init__(self, channels: int, kernel_size: Tuple[int, int], bn: bool = True):
+        super().__init__()
+        kh, kw = kernel_size
+        self.conv = nn.Conv2d(channels, channels, (kh, kw), padding=(kh // 2, kw // 2), groups=channels, bias=False)
+        self.conv.register_buffer(MASK_NAME, None)
+        if bn:
+            self.bn = nn.BatchNorm2d(channels)
+
+    @property
+    def has_bn(self) -> bool:
+        return "bn" in self._modules and self._modules["bn"] is not None
+
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        return getattr(self.conv, MASK_NAME, None)
+
+    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight [C, 1, kh, kw], bias [C] or None) with the BN (running statistics) folded in. Differentiable;
+        the mask is not applied (pass ``self.mask`` alongside)."""
+        if not self.has_bn:
+            return self.conv.weight, None
+        return _fold_bn(self.conv.weight, self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = lk_conv2d(x, self.conv.weight.to(x.dtype), mask=self.mask)
+        return self.bn(y) if self.has_bn else y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        prepare_mask_for_load(self.conv, state_dict, prefix + "conv.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class SparseLKConv(nn.Module):
+    """SLaK's sparse decomposed large-kernel depthwise module, running on ``lk_conv2d``.
+
+    ``y = BN1(conv_{K x N}(x)) + BN2(conv_{N x K}(x)) + BN3(conv_{N x N}(x))`` (third term only when N < K),
+    every conv depthwise, stride 1, "same" zero padding.
+
+    Args:
+        channels: C (in = out = groups).
+        kernel_size: K, odd, at most ``MAX_KERNEL_SIZE`` (63).
+        small_kernel: N, odd, at most K.
+        bn: per-branch BatchNorm2d (official default); ``bn=False`` gives bias-free convs only.
+
+    Submodules (official state_dict keys): ``LoRA1`` (K x N), ``LoRA2`` (N x K), ``small_conv`` (N x N, only when
+    N < K), each a ``ConvBN`` with ``.conv.weight`` [C, 1, kh, kw] and ``.bn``. After ``fuse()`` the BNs are gone,
+    the weights hold the folded values and a ``bias`` [C] parameter appears.
+
+    Execution: in training mode with BN, one ``lk_conv2d`` call per branch (each BN needs its branch's own batch
+    statistics); otherwise (eval, ``bn=False`` or fused) one ``lk_conv2d`` call over all branches, with the BNs
+    folded into weights and bias on the fly in eval. Masks (``LoRA1.conv.weight_mask`` ...) are passed to the op.
+
+    Shapes: x [N, C, H, W] (any memory format, dtype float16 / bfloat16 / float32; float64 runs the reference)
+    -> [N, C, H, W] in x's memory format. Weights are cast to x's dtype (autocast).
+    """
+
+    BRANCHES = ("LoRA1", "LoRA2", "small_conv")
+
+    def __init__(self, channels: int, kernel_size: int = 51, small_kernel: int = 5, *, bn: bool = True):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE, odd=True)
+        _check_int("small_kernel", small_kernel, 1, kernel_size, odd=True)
+        if not isinstance(bn, bool):
+            raise TypeError(f"bn: expected a bool, got {type(bn).__name__} ({bn!r})")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.small_kernel = small_kernel
+        self.LoRA1 = ConvBN(channels, (kernel_size, small_kernel), bn)
+        self.LoRA2 = ConvBN(channels, (small_kernel, kernel_size), bn)
+        if small_kernel < kernel_size:
+            self.small_conv = ConvBN(channels, (small_kernel, small_kernel), bn)
+        self.register_parameter("bias", None)
+        self.fused = False
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def branches(self) -> List[ConvBN]:
+        """The branch modules in order (LoRA1, LoRA2[, small_conv])."""
+        return [self._modules[n] for n in self.BRANCHES if n in self._modules]
+
+    def masks(self) -> List[Optional[torch.Tensor]]:
+        return [b.mask for b in self.branches()]
+
+    def density(self) -> float:
+        """Fraction of active taps over all branches (mask-aware non-zeros of the weights)."""
+        with torch.no_grad():
+            nnz = sum(int(torch.count_nonzero(masked_weight(b.conv))) for b in self.branches())
+            total = sum(b.conv.weight.numel() for b in self.branches())
+        return nnz / total
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = self.branches()
+        masks = [b.mask for b in branches]
+        mask_arg = None if all(m is None for m in masks) else masks
+        has_bn = [b.has_bn for b in branches]
+        if any(has_bn) and any(_uses_batch_stats(b.bn) for b in branches if b.has_bn):
+            y = None
+            for b in branches:
+                out = b(x)
+                y = out if y is None else y + out
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+            return y
+        weights, bias = [], self.bias
+        for b in branches:
+            w, bb = b.folded()
+            weights.append(w.to(x.dtype))
+            if bb is not None:
+                bias = bb if bias is None else bias + bb
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        return lk_conv2d(x, weights, bias, mask=mask_arg)
+
+    @torch.no_grad()
+    def fuse(self) -> "SparseLKConv":
+        """Folds each BN (running statistics) into its branch weight and the summed BN shifts into ``self.bias``,
+        then drops the BNs: forward becomes one ``lk_conv2d`` call with a bias. Masks are kept. Idempotent.
+        Equal to the unfused module in eval mode (fp32: ~1e-6 relative)."""
+        if self.fused:
+            return self
+        bias = None
+        for b in self.branches():
+            if not b.has_bn:
+                continue
+            w, bb = b.folded()
+            b.conv.weight = nn.Parameter(w.detach().clone(), requires_grad=b.conv.weight.requires_grad)
+            bias = bb.detach().clone() if bias is None else bias + bb
+            del b.bn
+        if bias is not None:
+            self.bias = nn.Parameter(bias.to(self.LoRA1.conv.weight.dtype))
+        self.fused = True
+        return self
+
+    def extra_repr(self) -> str:
+        s = f"{self.channels}, kernel_size={self.kernel_size}, small_kernel={self.small_kernel}"
+        if not self.LoRA1.conv.weight.is_meta:
+            s += f", density={self.density():.3f}"
+        return s + f", fused={self.fused}"
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> "LKConv2d":
+        """The drop-in replacement of one depthwise ``nn.Conv2d``: an ``LKConv2d`` (same ``weight`` / ``bias``
+        keys and values, output equal, running on ``lk_conv2d``). A dense K x K kernel has no exact
+        tall + wide + small decomposition, so the result is not a three-branch ``SparseLKConv``; see
+        ``LKConv2d.from_conv2d`` for the accepted convs."""
+        return LKConv2d.from_conv2d(conv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# drop-in depthwise conv
+# --------------------------------------------------------------------------------------------------------------
+
+class LKConv2d(nn.Conv2d):
+    """Depthwise, stride-1, "same"-padded ``nn.Conv2d`` computed by ``lk_conv2d``.
+
+    Args:
+        channels: C (in = out = groups).
+        kernel_size: int or (kh, kw), odd, at most 63.
+        bias: learnable per-channel bias.
+        device, dtype: factory kwargs.
+
+    State: ``weight`` [C, 1, kh, kw], ``bias`` [C] or None, buffer ``weight_mask`` (default None).
+    Shapes: [N, C, H, W] -> [N, C, H, W] in x's memory format.
+    """
+
+    def __init__(self, channels: int, kernel_size, bias: bool = True, device=None, dtype=None):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        _check_int("channels", channels, 1)
+        _check_int("kernel_size[0]", kh, 1, MAX_KERNEL_SIZE, odd=True)
+        _check_int("kernel_size[1]", kw, 1, MAX_KERNEL_SIZE, odd=True)
+        super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=channels,
+                         bias=bias, device=device, dtype=dtype)
+        self.register_buffer(MASK_NAME, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return lk_conv2d(x, self.weight.to(x.dtype), bias, mask=self.weight_mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        prepare_mask_for_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> "LKConv2d":
+        """A copy of ``conv`` (weights, bias, mask, requires_grad, training mode, device, dtype) as an
+        ``LKConv2d``. ``conv`` must pass ``is_convertible_depthwise(conv)`` (else ValueError with the reason)."""
+        why = _not_convertible_reason(conv)
+        if why is not None:
+            raise ValueError(f"conv: expected a depthwise, stride-1, 'same'-padded nn.Conv2d with odd kernel sizes "
+                             f"<= {MAX_KERNEL_SIZE}, got {conv!r} ({why})")
+        w = conv.weight
+        new = cls(conv.in_channels, conv.kernel_size, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            new.weight.requires_grad_(w.requires_grad)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+                new.bias.requires_grad_(conv.bias.requires_grad)
+        mask = getattr(conv, MASK_NAME, None)
+        if isinstance(mask, torch.Tensor):
+            new.weight_mask = mask.detach().clone()
+        new.train(conv.training)
+        return new
+
+
+def _not_convertible_reason(conv) -> Optional[str]:
+    if not isinstance(conv, nn.Conv2d):
+        return f"not an nn.Conv2d but {type(conv).__name__}"
+    c = conv.in_channels
+    if not (conv.groups == c == conv.out_channels):
+        return f"groups={conv.groups}, in_channels={c}, out_channels={conv.out_channels} are not all equal"
+    kh, kw = conv.kernel_size
+    if kh % 2 == 0 or kw % 2 == 0 or max(kh, kw) > MAX_KERNEL_SIZE:
+        return f"kernel_size={conv.kernel_size}"
+    if tuple(conv.stride) != (1, 1):
+        return f"stride={conv.stride}"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation={conv.dilation}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if conv.padding != "same" and tuple(conv.padding) != (kh // 2, kw // 2):
+        return f"padding={conv.padding} is not 'same' ({kh // 2}, {kw // 2})"
+    if conv.weight.is_complex() or not conv.weight.is_floating_point():
+        return f"dtype={conv.weight.dtype}"
+    return None
+
+
+def is_convertible_depthwise(conv: nn.Module, min_kernel_size: int = 1) -> bool:
+    """True for an ``nn.Conv2d`` (not already an ``LKConv2d``) with groups == in == out channels, stride 1,
+    dilation 1, zero "same" padding, odd kernel sizes <= 63 and ``max(kh, kw) >= min_kernel_size``."""
+    if isinstance(conv, LKConv2d) or _not_convertible_reason(conv) is not None:
+        return False
+    return max(conv.kernel_size) >= min_kernel_size
+
+
+def convert_depthwise(model: nn.Module, min_kernel_size: int = 7) -> nn.Module:
+    """Replaces, in place, every depthwise ``nn.Conv2d`` of ``model`` that ``is_convertible_depthwise`` accepts
+    by an ``LKConv2d`` with the same weights (outputs equal; state_dict keys unchanged). The branch convs of a
+    ``SparseLKConv`` already run on ``lk_conv2d`` and are left alone. Returns ``model`` (or the replacement when
+    ``model`` itself is such a conv)."""
+    _check_int("min_kernel_size", min_kernel_size, 1)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if is_convertible_depthwise(model, min_kernel_size):
+        return LKConv2d.from_conv2d(model)
+    _convert_children(model, min_kernel_size)
+    return model
+
+
+def _convert_children(module: nn.Module, min_kernel_size: int) -> None:
+    if isinstance(module, SparseLKConv):
+        return
+    for name, child in list(module.named_children()):
+        if is_convertible_depthwise(child, min_kernel_size):
+            setattr(module, name, LKConv2d.from_conv2d(child))
+        else:
+            _convert_children(child, min_kernel_size)
