@@ -270,3 +270,147 @@ def lk_conv2d_fwd_kernel(
     out_ok = (offs_h < H)[:, None] & (offs_w < W)[None, :]
     y_ptrs = y_ptr + n * syn + c * syc + offs_h[:, None] * syh + offs_w[None, :] * syw
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def lk_conv2d_bwd_dw_configs():
+    """Autotune candidates for the weight-gradient kernel: BH x BW is the dy tile consumed per step."""
+    return [
+        triton.Config({"BH": bh, "BW": bw}, num_warps=w, num_stages=s)
+        for bh, bw, w in [(16, 16, 2), (16, 32, 4), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 8)]
+        for s in (1, 2)
+    ]
+
+
+def lk_conv2d_bwd_dw_default_config(H, W):
+    bh = 16 if H <= 16 else 32
+    bw = 16 if W <= 16 else 32
+    return {"BH": bh, "BW": bw, "num_warps": 4, "num_stages": 1}
+
+
+def _p2(n):
+    return triton.next_power_of_2(n)
+
+
+#: The weight-gradient kernel's derived meta-parameters (powers of two), for ``triton.heuristics``.
+lk_conv2d_bwd_dw_derived = {
+    "RT": lambda a: _p2(a["BH"] + a["KH_T"] - 1) if a["KH_T"] else 16,   # input rows per tall tile
+    "KPT": lambda a: _p2(a["KH_T"]) if a["KH_T"] else 1,                  # padded tall taps
+    "KWPT": lambda a: _p2(a["KW_T"]) if a["KW_T"] else 1,
+    "RW": lambda a: _p2(a["BW"] + a["KW_W"] - 1) if a["KW_W"] else 16,   # input columns per wide tile
+    "KPW": lambda a: _p2(a["KW_W"]) if a["KW_W"] else 1,
+    "KHPW": lambda a: _p2(a["KH_W"]) if a["KH_W"] else 1,
+}
+
+
+@triton.jit
+def lk_conv2d_bwd_dw_kernel(
+    # ---- pointers ----
+    x_ptr,    # [N, C, H, W] forward input (any strides)
+    dy_ptr,   # [N, C, H, W] output gradient (any strides)
+    dwt_ptr,  # [S, C, KH_T, KW_T] fp32 partial tall-slot gradients, one slice per split (contiguous)
+    dww_ptr,  # [S, C, KH_W, KW_W] fp32 partial wide-slot gradients (contiguous)
+    db_ptr,   # [S, C] fp32 partial bias gradients
+    # ---- sizes ----
+    N, C, H, W,
+    n_splits,       # S: the (image, tile) work items are cut into S contiguous ranges, one per program along axis 1
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WIDE_IDX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BH: tl.constexpr, BW: tl.constexpr,
+    # derived by lk_conv2d_bwd_dw_derived (powers of two): input window rows / columns per tile, padded tap counts
+    RT: tl.constexpr, KPT: tl.constexpr, KWPT: tl.constexpr, RW: tl.constexpr, KPW: tl.constexpr, KHPW: tl.constexpr,
+):
+    """Weight (and bias) gradients of both slots for one channel and one split of the (image, tile) work.
+
+    Grid: (C, S). Deterministic: every program sums its own work items in a fixed order into registers and writes
+    one fp32 partial; the host reduces the S partials with a fixed-order sum. No atomics.
+
+    Tall slot, short-axis column j, one dy tile of BH x BW at (h0, w0): ``P = dy_tile @ X_j^T`` with ``X_j`` the
+    input rows ``h0 - KH_T//2 + [0, RT)`` shifted by ``j - KW_T//2`` columns, so ``P[h, r]`` correlates output row
+    h with input row r; the tap ``k`` gradient is the diagonal sum ``sum_h P[h, h + k]``, read with ``tl.gather``.
+    The wide slot is the transpose (``P = dy_tile^T @ X_i``, diagonals along W).
+    """
+    c = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    tiles_w = tl.cdiv(W, BW)
+    tiles_hw = tl.cdiv(H, BH) * tiles_w
+    n_work = N * tiles_hw
+    work_per_prog = tl.cdiv(n_work, n_splits)
+    start = s * work_per_prog
+    stop = tl.minimum(start + work_per_prog, n_work)
+
+    ar_h = tl.arange(0, BH)
+    ar_w = tl.arange(0, BW)
+    acc_t = tl.zeros((KPT, KWPT), dtype=tl.float32)
+    acc_w = tl.zeros((KHPW, KPW), dtype=tl.float32)
+    acc_b = tl.zeros((BH, BW), dtype=tl.float32)
+    for it in range(start, stop):
+        n = it // tiles_hw
+        tile = it % tiles_hw
+        h0 = (tile // tiles_w) * BH
+        w0 = (tile % tiles_w) * BW
+        if not WIDE_IDX:
+            h0 = h0.to(tl.int32)
+            w0 = w0.to(tl.int32)
+        offs_h = h0 + ar_h
+        offs_w = w0 + ar_w
+        x_base = x_ptr + n * sxn + c * sxc
+        dy = tl.load(
+            dy_ptr + n * sdn + c * sdc + offs_h[:, None] * sdh + offs_w[None, :] * sdw,
+            mask=(offs_h < H)[:, None] & (offs_w < W)[None, :], other=0.0,
+        )
+        if HAS_BIAS:
+            acc_b += dy.to(tl.float32)
+        if DOT_UPCAST:
+            dy = dy.to(tl.float32)
+        if KH_T > 0:
+            ar_r = tl.arange(0, RT)
+            rows = h0 - KH_T // 2 + ar_r
+            row_ok = (rows >= 0) & (rows < H)
+            # diagonal selector: tap k of output row h sits at input row h + k of the window
+            diag = ar_h[:, None] + tl.arange(0, KPT)[None, :]
+            diag = tl.minimum(diag, RT - 1)
+            col_id = tl.arange(0, KWPT)[None, :]
+            for j in range(0, KW_T):
+                cols = offs_w + (j - KW_T // 2)
+                xt = tl.load(
+                    x_base + rows[:, None] * sxh + cols[None, :] * sxw,
+                    mask=row_ok[:, None] & ((cols >= 0) & (cols < W))[None, :], other=0.0,
+                )
+                if DOT_UPCAST:
+                    xt = xt.to(tl.float32)
+                p = tl.dot(dy, tl.trans(xt), input_precision=DOT_PREC)       # [BH, RT]
+                g = tl.sum(tl.gather(p, diag, axis=1), axis=0)                # [KPT]
+                acc_t += tl.where(col_id == j, g[:, None], 0.0)
+        if KH_W > 0:
+            ar_c = tl.arange(0, RW)
+            cols_w = w0 - KW_W // 2 + ar_c
+            col_ok = (cols_w >= 0) & (cols_w < W)
+            diag_w = ar_w[:, None] + tl.arange(0, KPW)[None, :]
+            diag_w = tl.minimum(diag_w, RW - 1)
+            row_id = tl.arange(0, KHPW)[:, None]
+            for i in range(0, KH_W):
+                rows_w = offs_h + (i - KH_W // 2)
+                xw = tl.load(
+                    x_base + rows_w[:, None] * sxh + cols_w[None, :] * sxw,
+                    mask=((rows_w >= 0) & (rows_w < H))[:, None] & col_ok[None, :], other=0.0,
+                )
+                if DOT_UPCAST:
+                    xw = xw.to(tl.float32)
+                p = tl.dot(tl.trans(dy), xw, input_precision=DOT_PREC)       # [BW, RW]
+                g = tl.sum(tl.gather(p, diag_w, axis=1), axis=0)              # [KPW]
+                acc_w += tl.where(row_id == i, g[None, :], 0.0)
+
+    if KH_T > 0:
+        kk = tl.arange(0, KPT)[:, None]
+        jj = tl.arange(0, KWPT)[None, :]
+        tl.store(dwt_ptr + ((s * C + c) * KH_T + kk) * KW_T + jj, acc_t, mask=(kk < KH_T) & (jj < KW_T))
+    if KH_W > 0:
+        ii = tl.arange(0, KHPW)[:, None]
+        kk2 = tl.arange(0, KPW)[None, :]
+        tl.store(dww_ptr + ((s * C + c) * KH_W + ii) * KW_W + kk2, acc_w, mask=(ii < KH_W) & (kk2 < KW_W))
+    if HAS_BIAS:
+        tl.store(db_ptr + s * C + c, tl.sum(tl.sum(acc_b, axis=1), axis=0))

@@ -19,6 +19,10 @@ import torch
 import triton
 
 from slak_triton.kernels.lk_conv2d import (
+    lk_conv2d_bwd_dw_configs,
+    lk_conv2d_bwd_dw_default_config,
+    lk_conv2d_bwd_dw_derived,
+    lk_conv2d_bwd_dw_kernel,
     lk_conv2d_default_config,
     lk_conv2d_fwd_configs,
     lk_conv2d_fwd_kernel,
@@ -329,6 +333,177 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.preserve_format)
 
 
+_dw_autotuned = triton.autotune(
+    configs=lk_conv2d_bwd_dw_configs(),
+    key=["C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS"],
+)(triton.heuristics(lk_conv2d_bwd_dw_derived)(lk_conv2d_bwd_dw_kernel))
+_dw_plain = triton.heuristics(lk_conv2d_bwd_dw_derived)(lk_conv2d_bwd_dw_kernel)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def launch_lk_conv2d_bwd_dw(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    tall_shape: Optional[Tuple[int, int]],
+    wide_shape: Optional[Tuple[int, int]],
+    need_bias: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launches ``lk_conv2d_bwd_dw_kernel`` and reduces its per-split partials in a fixed order.
+
+    Returns fp32 (d_tall [C, KH_T, KW_T] or None, d_wide [C, KH_W, KW_W] or None, d_bias [C] or None)."""
+    N, C, H, W = x.shape
+    KH_T, KW_T = tall_shape if tall_shape is not None else (0, 0)
+    KH_W, KW_W = wide_shape if wide_shape is not None else (0, 0)
+    dev = x.device
+    if N == 0:
+        z = lambda *s: torch.zeros(*s, device=dev, dtype=torch.float32)  # noqa: E731
+        return (z(C, KH_T, KW_T) if KH_T else None, z(C, KH_W, KW_W) if KH_W else None, z(C) if need_bias else None)
+    # Splits: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile.
+    n_splits = max(1, min(N * triton.cdiv(H, 16) * triton.cdiv(W, 16), triton.cdiv(4 * _num_sms(dev), C)))
+    dwt = torch.empty(n_splits, C, KH_T, KW_T, device=dev, dtype=torch.float32) if KH_T else None
+    dww = torch.empty(n_splits, C, KH_W, KW_W, device=dev, dtype=torch.float32) if KH_W else None
+    db = torch.empty(n_splits, C, device=dev, dtype=torch.float32) if need_bias else None
+    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    args = dict(
+        x_ptr=x, dy_ptr=dy, dwt_ptr=dwt if dwt is not None else dummy, dww_ptr=dww if dww is not None else dummy,
+        db_ptr=db if db is not None else dummy,
+        N=N, C=C, H=H, W=W, n_splits=n_splits,
+        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
+        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, HAS_BIAS=need_bias,
+        WIDE_IDX=_needs_wide_idx(x) or _needs_wide_idx(dy),
+        DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
+    )
+    grid = (C, n_splits)
+    if _autotune_enabled():
+        _dw_autotuned[grid](**args)
+    else:
+        _dw_plain[grid](**args, **lk_conv2d_bwd_dw_default_config(H, W))
+    LAUNCH_COUNTS["lk_conv2d_bwd_dw_kernel"] += 1
+    # fixed-order reduction over the splits: deterministic
+    return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
+            db.sum(0) if db is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# block-sparse metadata
+# --------------------------------------------------------------------------------------------------------------
+
+SlotMeta = Tuple[torch.Tensor, torch.Tensor, int]  # (items [C, n] int32, counts [C] int32, taps per block)
+
+
+def block_metadata(slot_mask: torch.Tensor, tall: bool, taps_per_block: int = TAPS_PER_BLOCK) -> SlotMeta:
+    """Compacted active-block lists of one slot's mask, in the kernels' format. No host synchronisation.
+
+    slot_mask: [C, KH, KW] (nonzero = active). A block is ``taps_per_block`` consecutive taps along the slot's long
+    axis (H for the tall slot, W for the wide one) at one short-axis position; item id = short_pos * NB + block.
+    Returns items [C, short * NB] int32 (each row: active ids first, in increasing order, then the inactive ones)
+    and counts [C] int32 (active blocks per channel)."""
+    m = slot_mask if tall else slot_mask.transpose(1, 2)
+    C, L, S = m.shape
+    nb = triton.cdiv(L, taps_per_block)
+    act = m != 0
+    if nb * taps_per_block != L:
+        act = torch.nn.functional.pad(act, (0, 0, 0, nb * taps_per_block - L))
+    act = act.reshape(C, nb, taps_per_block, S).any(dim=2)          # [C, NB, S]
+    act = act.permute(0, 2, 1).reshape(C, S * nb)                    # item id = s * NB + b
+    items = torch.argsort((~act).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    counts = act.sum(dim=1, dtype=torch.int32)
+    return items.contiguous(), counts, taps_per_block
+
+
+_META_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_META_CACHE_SIZE = 64
+
+
+def _fold_masks(weights, masks, tall: bool) -> Optional[torch.Tensor]:
+    """Union of one slot's branch masks, laid out like the folded slot weight; None when no branch is masked."""
+    sel = [(w, m) for w, m in zip(weights, masks) if (w.shape[2] >= w.shape[3]) == tall]
+    if not sel or all(m is None for _, m in sel):
+        return None
+    KH = max(w.shape[2] for w, _ in sel)
+    KW = max(w.shape[3] for w, _ in sel)
+    u = None
+    for w, m in sel:
+        a = (m[:, 0] != 0) if m is not None else torch.ones(w.shape[0], w.shape[2], w.shape[3], dtype=torch.bool, device=w.device)
+        ph, pw = (KH - a.shape[1]) // 2, (KW - a.shape[2]) // 2
+        a = torch.nn.functional.pad(a, (pw, pw, ph, ph))
+        u = a if u is None else (u | a)
+    return u
+
+
+def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta]]:
+    """Block lists for the (tall, wide) slots, cached per mask change.
+
+    The cache key holds the mask tensors themselves and their version counters: an in-place change of a mask
+    (``mask.copy_``, ``mask.mul_``, ...) or a new mask tensor rebuilds the lists; an unchanged mask reuses them.
+    (Writes through ``mask.data`` bypass the version counter: do not mutate masks that way.)"""
+    out = []
+    for tall in (True, False):
+        sel = [(w, m) for w, m in zip(weights, masks) if (w.shape[2] >= w.shape[3]) == tall]
+        if not sel or all(m is None for _, m in sel):
+            out.append(None)
+            continue
+        key = (tall,) + tuple((tuple(w.shape), id(m), m._version if m is not None else -1) for w, m in sel)
+        hit = _META_CACHE.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], [m for _, m in sel])):
+            _META_CACHE.move_to_end(key)
+            out.append(hit[1])
+            continue
+        meta = block_metadata(_fold_masks(weights, masks, tall), tall)
+        _META_CACHE[key] = (tuple(m for _, m in sel), meta)
+        if len(_META_CACHE) > _META_CACHE_SIZE:
+            _META_CACHE.popitem(last=False)
+        out.append(meta)
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------------------
+
+class LKConv2dFunction(torch.autograd.Function):
+    """y = conv(x, tall) + conv(x, wide) + bias on the Triton kernels; backward: dx by the flipped-kernel launch of
+    the forward kernel (same block lists), d(tall), d(wide), d(bias) by the weight-gradient kernel.
+    Double backward is not supported (raises)."""
+
+    @staticmethod
+    def forward(ctx, x, wt, ww, bias, meta_t, meta_w):
+        out = _empty_like_layout(x)
+        launch_lk_conv2d_fwd(x, wt, ww, bias, out, sparse_t=meta_t, sparse_w=meta_w)
+        ctx.save_for_backward(x, wt, ww)
+        ctx.meta = (meta_t, meta_w)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, wt, ww = ctx.saved_tensors
+        meta_t, meta_w = ctx.meta
+        need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
+        dx = dwt = dww = db = None
+        if need_x:
+            dx = _empty_like_layout(x)
+            launch_lk_conv2d_fwd(dy, wt, ww, None, dx, flip=True, sparse_t=meta_t, sparse_w=meta_w)
+        if need_t or need_w or need_b:
+            gt, gw, gb = launch_lk_conv2d_bwd_dw(
+                x, dy,
+                tuple(wt.shape[1:]) if (wt is not None and need_t) else None,
+                tuple(ww.shape[1:]) if (ww is not None and need_w) else None,
+                need_b and ctx.has_bias,
+            )
+            dwt = gt.to(wt.dtype) if gt is not None else None
+            dww = gw.to(ww.dtype) if gw is not None else None
+            db = gb.to(x.dtype) if gb is not None else None
+        return dx, dwt, dww, db, None, None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # public op
 # --------------------------------------------------------------------------------------------------------------
@@ -341,7 +516,8 @@ def lk_conv2d(
     mask: MaskArg = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Depthwise large-kernel convolution, summed over branches, in one pass.
+    """Depthwise large-kernel convolution, summed over branches, in one pass. Differentiable w.r.t. x, every
+    weight and bias.
 
     Args:
         x: [N, C, H, W] float16 / bfloat16 / float32 (float64 on the reference path), NCHW, channels_last or any
@@ -350,7 +526,8 @@ def lk_conv2d(
             kh, kw in 1..63, rectangular allowed. Each branch uses zero "same" padding (kh//2, kw//2).
         bias: [C] or None, added once.
         mask: None, a tensor shaped like ``weight``, or a sequence aligned with ``weight`` (entries may be None):
-            the op computes with ``weight * mask``.
+            the op computes with ``weight * mask``. The kernels skip blocks (``block_shape``) that are zero in
+            the mask; the block lists are rebuilt only when a mask changes.
         backend: "auto" (CUDA -> compiled Triton; CPU -> Triton's interpreter when TRITON_INTERPRET=1 was set
             before import, else the reference), "triton" (error if it cannot run) or "reference" (F.conv2d).
 
@@ -363,6 +540,12 @@ def lk_conv2d(
     where = _resolve_backend(x, backend)
     if where == "reference":
         return lk_conv2d_reference(x, weights, bias, masks)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dt)
+        weights = [w.to(dt) for w in weights]
+        bias = bias.to(dt) if bias is not None else None
+    meta_t, meta_w = slot_metadata(weights, masks)
     wt, ww = fold_branches(weights, masks)
-    out = _empty_like_layout(x)
-    return launch_lk_conv2d_fwd(x, wt, ww, bias, out)
+    with torch.autocast(x.device.type, enabled=False):
+        return LKConv2dFunction.apply(x, wt, ww, bias, meta_t, meta_w)
