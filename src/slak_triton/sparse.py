@@ -159,11 +159,10 @@ def load_masked_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     mods = dict(model.named_modules())
-    suffix = "." + MASK_NAME
     for key, value in state_dict.items():
-        if not key.endswith(suffix):
+        if key != MASK_NAME and not key.endswith("." + MASK_NAME):
             continue
-        mod = mods.get(key[: -len(suffix)])
+        mod = mods.get(key[: -len(MASK_NAME)].rstrip("."))
         if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
             continue
         if _get_mask(mod) is None and isinstance(value, torch.Tensor) and value.shape == mod.weight.shape:
@@ -572,38 +571,47 @@ class DynamicSparsity:
         unit = layer.unit_mask()
         n_active = int(unit.sum())
         k = min(int(math.ceil(rate * n_active)), n_active)
-        # random scores are drawn for every layer at every update, whatever happens next, so that the generator's
-        # consumption depends only on the layer shapes
-        rand = torch.rand(layer.n_units, generator=self.generator) if self.growth == "random" else None
+        # One random permutation per layer per update, whatever happens next (the generator's consumption depends
+        # only on the layer shapes): it orders the units for growth; scores sort stably on top of it, so "random"
+        # growth (all scores equal) takes the first k candidates of the permutation and "gradient" growth breaks
+        # ties at random.
+        perm = torch.argsort(torch.rand(layer.n_units, generator=self.generator).to(dev), stable=True)
         if k == 0:
             return 0
         mag = layer.reduce(w.detach().abs().float())
         prune = _select(torch.where(unit, mag, torch.full_like(mag, math.inf)), k, largest=False)
         new = unit.clone()
         new[prune] = False
-        if self.growth == "random":
-            gscore = rand.to(dev)
-        else:
+        kept = new.clone()
+        gscore = torch.zeros(layer.n_units, device=dev)
+        if self.growth == "gradient":
             g = w.grad
             if g is None:
                 warnings.warn(f"DynamicSparsity: growth='gradient' but {layer.name} has no gradient at update "
                               f"{self.topology_updates}; growing at random instead", RuntimeWarning, stacklevel=3)
-                gscore = torch.rand(layer.n_units, generator=self.generator).to(dev)
             else:
                 gscore = layer.reduce(g.detach().abs().float())
+                before = ~unit  # inactive before this update
+                if bool(before.any()) and not bool((gscore[before] != 0).any()):
+                    # The forward multiplied the weight by its mask (SparseLKConv's op does), so inactive units
+                    # carry no gradient and the just-pruned ones would always win their place back: rank them
+                    # last, so growth picks (at random) among the units that were inactive before.
+                    gscore = torch.where(before, gscore, torch.full_like(gscore, -1.0))
         cls = layer.classes_on(dev)
         neg = torch.full_like(gscore, -math.inf)
         if cls is None:
-            grow = _select(torch.where(~new, gscore, neg), k, largest=True)
-            new[grow] = True
+            per_class = [(None, k)]
         else:
-            pruned_per_class = torch.bincount(cls[prune], minlength=len(layer.class_sizes)).tolist()
-            for c, kc in enumerate(pruned_per_class):
-                if kc:
-                    grow = _select(torch.where(~new & (cls == c), gscore, neg), kc, largest=True)
-                    new[grow] = True
+            per_class = list(enumerate(torch.bincount(cls[prune], minlength=len(layer.class_sizes)).tolist()))
+        for c, kc in per_class:
+            if kc == 0:
+                continue
+            cand = ~new if c is None else (~new & (cls == c))
+            score = torch.where(cand, gscore, neg)[perm]
+            grow = perm[_select(score, kc, largest=True)]
+            new[grow] = True
         new_mask = layer.expand(new).to(old.dtype)
-        keep = (old != 0) & (new_mask != 0)  # grown units start at zero, pruned ones become zero
+        keep = layer.expand(kept)  # pruned units become zero; grown ones (re-grown included) start at zero
         w.mul_(keep.to(w.dtype))
         self._mask_state(w, keep)
         old.copy_(new_mask)
