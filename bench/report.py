@@ -1,0 +1,135 @@
+"""Outputs of ``slak-bench``: the text table, JSON, CSV and the optional matplotlib plot."""
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    MATPLOTLIB_ERROR: Optional[str] = None
+except ImportError as _e:  # optional dependency (extra "bench")
+    plt = None
+    MATPLOTLIB_ERROR = f"{type(_e).__name__}: {_e}"
+
+__all__ = ["SCHEMA", "format_op_table", "write_json", "write_csv", "write_plot", "MATPLOTLIB_ERROR", "PlotUnavailable"]
+
+SCHEMA = "slak-bench/1"
+
+
+class PlotUnavailable(RuntimeError):
+    """--plot was asked for but matplotlib is not installed."""
+
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def format_op_table(records: Sequence[Dict[str, object]]) -> str:
+    """One line per record. In CPU mode every line starts with ``[CPU MODE]``."""
+    head = (f"{'where':<10} {'shape':<11} {'NxCxHxW':<16} {'dtype':<5} {'dens':>4} {'mode':<6} {'provider':<13} "
+            f"{'ms':>9} {'p20-p80':>17} {'TFLOP/s':>8} {'%FMA':>6} {'%TC':>6} {'%mem':>6} {'vs torch':>8}  note")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        where = "[CPU MODE]" if r["cpu_mode"] else "GPU"
+        dims = f"{r['batch']}x{r['channels']}x{r['height']}x{r['width']}"
+        if r["ms"] is not None:
+            q = f"{r['ms_p20']:.4g}-{r['ms_p80']:.4g}"
+        else:
+            q = "-"
+        note = []
+        if r["status"] == "checked":
+            note.append(f"interpreter check {'OK' if r['check_ok'] else 'FAILED'} "
+                        f"(rel err {_f(r['check_rel_err'], '.1e')}, {r['triton_launches']} launches), not timed")
+        elif r["status"] in ("unavailable", "error"):
+            note.append(f"{r['status'].upper()}: {r['reason']}")
+        elif r["check_ok"] is False:
+            note.append(f"CHECK FAILED rel err {_f(r['check_rel_err'], '.1e')} > {r['check_tol']:.0e}")
+        if r["status"] == "timed" and r["cpu_mode"]:
+            note.append("CPU time, reduced size")
+        sp = _f(r["speedup_vs_torch"], ".2f")
+        lines.append(
+            f"{where:<10} {r['shape']:<11} {dims:<16} {r['dtype']:<5} {r['density']:>4.1f} {r['mode']:<6} "
+            f"{r['provider']:<13} {_f(r['ms'], '9.4g'):>9} {q:>17} {_f(r.get('tflops'), '.3g'):>8} "
+            f"{_f(r.get('pct_fp32_fma_peak'), '6.1f'):>6} {_f(r.get('pct_tensor_peak'), '6.1f'):>6} "
+            f"{_f(r.get('pct_mem_floor'), '6.1f'):>6} {sp + ('x' if sp != '-' else ''):>8}  {'; '.join(note)}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, records: List[Dict[str, object]], meta: Dict[str, object], extra: Optional[dict] = None) -> None:
+    """``{"schema", "meta", "records"}``; every record also carries the meta fields itself."""
+    doc = {"schema": SCHEMA, "meta": meta, "records": records}
+    if extra:
+        doc.update(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def _flat(v):
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v)
+    return v
+
+
+def write_csv(path: Path, records: List[Dict[str, object]]) -> None:
+    """One row per record, the union of all keys as columns (nested values as JSON)."""
+    cols: List[str] = []
+    for r in records:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: _flat(r.get(k)) for k in cols})
+
+
+def write_plot(path: Path, records: List[Dict[str, object]], meta: Dict[str, object]) -> None:
+    """Grouped bars per (shape, dtype, density, mode): time per provider (log scale) and speedup vs torch.
+    Raises PlotUnavailable when matplotlib is missing."""
+    if plt is None:
+        raise PlotUnavailable(
+            f"--plot needs matplotlib, which is not installed ({MATPLOTLIB_ERROR}); install it with "
+            f"`pip install matplotlib` (or the extra: `pip install 'slak_triton[bench]'`)")
+    timed = [r for r in records if r["ms"] is not None]
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    cases = list(dict.fromkeys((r["shape"], r["dtype"], r["density"], r["mode"]) for r in records))
+    by = {(r["shape"], r["dtype"], r["density"], r["mode"], r["provider"]): r for r in timed}
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.55 * len(cases) + 3), 8), sharex=True)
+    width = 0.8 / max(1, len(providers))
+    for pi, prov in enumerate(providers):
+        xs, ms, sp, xs2 = [], [], [], []
+        for ci, c in enumerate(cases):
+            r = by.get((*c, prov))
+            if r is None:
+                continue
+            xs.append(ci + pi * width)
+            ms.append(r["ms"])
+            if r["speedup_vs_torch"] is not None:
+                xs2.append(ci + pi * width)
+                sp.append(r["speedup_vs_torch"])
+        axes[0].bar(xs, ms, width, label=prov)
+        axes[1].bar(xs2, sp, width, label=prov)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("ms (median)")
+    axes[1].set_ylabel("speedup vs torch (NCHW)")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[0].legend(fontsize=8, ncol=len(providers))
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    axes[1].set_xticklabels([f"{s} {d} d{p:g} {m}" for s, d, p, m in cases], rotation=70, ha="right", fontsize=7)
+    mode = "CPU MODE (not GPU numbers)" if meta.get("cpu_mode") else meta.get("device")
+    fig.suptitle(f"slak-bench op: {mode}\ntorch {meta.get('torch')}, triton {meta.get('triton')}, "
+                 f"commit {str(meta.get('git_commit'))[:10]}, {meta.get('date')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
