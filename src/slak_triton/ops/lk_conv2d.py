@@ -329,8 +329,13 @@ def launch_lk_conv2d_fwd(
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     """Output in x's memory format: a dense x keeps its strides (NCHW or channels_last), a strided view gets the
-    format torch suggests for it. Never copies x."""
+    format torch suggests for it. Never copies x. (Tests patch this to hand out NaN-filled buffers.)"""
     return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+def _new_empty(*shape: int, device: torch.device) -> torch.Tensor:
+    """fp32 scratch for the weight-gradient partials (tests patch this to hand out NaN-filled buffers)."""
+    return torch.empty(*shape, device=device, dtype=torch.float32)
 
 
 _dw_autotuned = triton.autotune(
@@ -365,9 +370,9 @@ def launch_lk_conv2d_bwd_dw(
         return (z(C, KH_T, KW_T) if KH_T else None, z(C, KH_W, KW_W) if KH_W else None, z(C) if need_bias else None)
     # Splits: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile.
     n_splits = max(1, min(N * triton.cdiv(H, 16) * triton.cdiv(W, 16), triton.cdiv(4 * _num_sms(dev), C)))
-    dwt = torch.empty(n_splits, C, KH_T, KW_T, device=dev, dtype=torch.float32) if KH_T else None
-    dww = torch.empty(n_splits, C, KH_W, KW_W, device=dev, dtype=torch.float32) if KH_W else None
-    db = torch.empty(n_splits, C, device=dev, dtype=torch.float32) if need_bias else None
+    dwt = _new_empty(n_splits, C, KH_T, KW_T, device=dev) if KH_T else None
+    dww = _new_empty(n_splits, C, KH_W, KW_W, device=dev) if KH_W else None
+    db = _new_empty(n_splits, C, device=dev) if need_bias else None
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
     args = dict(
         x_ptr=x, dy_ptr=dy, dwt_ptr=dwt if dwt is not None else dummy, dww_ptr=dww if dww is not None else dummy,

@@ -1,0 +1,470 @@
+"""lk_conv2d: forward, backward and block-sparse skipping against F.conv2d in float64.
+
+On CPU-only machines the Triton kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1) and every
+test asserts that they did (``LAUNCH_COUNTS``). The "gpu" tests run the compiled kernels at full size on CUDA.
+"""
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import slak_triton
+from slak_triton import LAUNCH_COUNTS, block_shape, lk_conv2d
+from slak_triton.ops.compile_check import specializations
+
+# the module (the package re-exports the function under the same name)
+op_mod = importlib.import_module("slak_triton.ops.lk_conv2d")
+from slak_triton.reference import lk_conv2d_reference
+
+from conftest import ON_GPU
+
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# unit roundoff of the output dtype; fp32 results go through tf32x3 tensor-core products on GPU (~1e-6)
+EPS = {torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def tolerances(dtype, n_taps):
+    """atol/rtol for outputs of unit scale: output rounding (rtol) plus accumulated rounding of ~sqrt(taps) terms."""
+    eps = EPS[dtype]
+    return eps * 4 * math.sqrt(max(n_taps, 1)), eps * 4
+
+
+def assert_close(actual, expected, dtype, n_taps, what):
+    assert not torch.isnan(actual).any(), f"{what}: NaN in result (an element was never written)"
+    atol, rtol = tolerances(dtype, n_taps)
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    err = (actual.double() - expected).abs()
+    bound = atol * max(scale, 1e-3) + rtol * expected.abs()
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, f"{what}: max abs err {err.max().item():.3e} exceeds tolerance (atol {atol:.1e}*{scale:.2f}, rtol {rtol:.1e})"
+
+
+@pytest.fixture(autouse=True)
+def nan_poison(monkeypatch):
+    """Every buffer the op allocates (outputs, dx, dW partials) starts as NaN, so unwritten elements fail."""
+    real_like = op_mod._empty_like_layout
+    real_new = op_mod._new_empty
+    monkeypatch.setattr(op_mod, "_empty_like_layout", lambda x: real_like(x).fill_(float("nan")))
+    monkeypatch.setattr(op_mod, "_new_empty", lambda *s, device: real_new(*s, device=device).fill_(float("nan")))
+
+
+class TritonRan:
+    """Context manager asserting that the given Triton kernels were launched inside it."""
+
+    def __init__(self, *names):
+        self.names = names or ("lk_conv2d_fwd_kernel",)
+
+    def __enter__(self):
+        self.before = {n: LAUNCH_COUNTS[n] for n in self.names}
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            for n in self.names:
+                assert LAUNCH_COUNTS[n] > self.before[n], f"{n} did not run: the Triton path was not taken"
+
+
+def make_layout(t, layout):
+    """Same values, different memory layout: 'contiguous', 'channels_last', or 'strided' (a non-dense view)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    big = torch.empty(t.shape[0], t.shape[1], t.shape[2], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+    big.normal_()
+    view = big[:, :, :, ::2]
+    view.copy_(t)
+    return view
+
+
+def rand_weights(C, shapes, dtype):
+    ws = []
+    for kh, kw in shapes:
+        w = torch.randn(C, 1, kh, kw, device=DEV, dtype=torch.float64) / math.sqrt(kh * kw)
+        ws.append(w.to(dtype))
+    return ws
+
+
+def rand_mask(w, kind, density, gen=None):
+    C, _, kh, kw = w.shape
+    if kind == "element":
+        return (torch.rand(w.shape, device=DEV) < density).to(w.dtype)
+    # block-structured, in block_shape units
+    bh, bw = block_shape(kh, kw)
+    nbh, nbw = -(-kh // bh), -(-kw // bw)
+    blocks = (torch.rand(C, 1, nbh, nbw, device=DEV) < density).to(w.dtype)
+    m = blocks.repeat_interleave(bh, 2).repeat_interleave(bw, 3)[:, :, :kh, :kw]
+    return m.contiguous()
+
+
+def reference64(x, ws, b, ms):
+    return lk_conv2d_reference(x.double(), [w.double() for w in ws], None if b is None else b.double(),
+                               None if ms is None else [None if m is None else m.double() for m in ms])
+
+
+def n_taps(shapes):
+    return sum(kh * kw for kh, kw in shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# strategies
+# ----------------------------------------------------------------------------------------------------------------
+
+odd = lambda lo, hi: st.integers(lo // 2, hi // 2).map(lambda k: 2 * k + 1)  # noqa: E731
+
+if ON_GPU:
+    MAX_HW, MAX_C, MAX_N, MAX_K = 64, 16, 4, 63
+else:
+    MAX_HW, MAX_C, MAX_N, MAX_K = 14, 3, 2, 31
+
+
+@st.composite
+def branch_sets(draw):
+    kind = draw(st.sampled_from(["single", "slak", "pair"]))
+    if kind == "single":
+        return [(draw(odd(1, MAX_K)), draw(odd(1, MAX_K)))]
+    if kind == "slak":
+        K = draw(odd(7, MAX_K))
+        n = draw(st.sampled_from([3, 5]))
+        return [(K, n), (n, K), (n, n)]
+    return [(draw(odd(1, MAX_K)), draw(odd(1, 7))), (draw(odd(1, 7)), draw(odd(1, MAX_K)))]
+
+
+@st.composite
+def problems(draw, masks=True):
+    shapes = draw(branch_sets())
+    C = draw(st.integers(1, MAX_C))
+    return dict(
+        N=draw(st.integers(0 if not ON_GPU else 1, MAX_N)), C=C,
+        H=draw(st.integers(1, MAX_HW)), W=draw(st.integers(1, MAX_HW)),
+        shapes=shapes, dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+        bias=draw(st.booleans()),
+        mask=draw(st.sampled_from([None, "element", "block"])) if masks else None,
+        density=draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build(p, requires_grad=False):
+    torch.manual_seed(p["seed"])
+    x = torch.randn(p["N"], p["C"], p["H"], p["W"], device=DEV, dtype=torch.float64).to(p["dtype"])
+    x = make_layout(x, p["layout"])
+    ws = rand_weights(p["C"], p["shapes"], p["dtype"])
+    b = torch.randn(p["C"], device=DEV, dtype=p["dtype"]) if p["bias"] else None
+    ms = None
+    if p["mask"] is not None:
+        ms = [rand_mask(w, p["mask"], p["density"]) for w in ws]
+        if len(ms) > 1:
+            ms[-1] = None  # a branch without a mask next to masked ones
+    if requires_grad:
+        x.requires_grad_(True)
+        for w in ws:
+            w.requires_grad_(True)
+        if b is not None:
+            b.requires_grad_(True)
+    return x, ws, b, ms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+
+@given(p=problems())
+def test_forward_matches_conv2d_float64(p):
+    x, ws, b, ms = build(p)
+    with TritonRan() if p["N"] > 0 else _null():
+        y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
+    ref = reference64(x, ws, b, ms)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if p["layout"] == "channels_last" and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, ref, p["dtype"], n_taps(p["shapes"]), "y")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [
+    # SLaK-T stage 1 cut down: 51x5 + 5x51 + 5x5 on 12x12 (image smaller than the kernel)
+    dict(N=2, C=3, H=12, W=12, shapes=[(51, 5), (5, 51), (5, 5)]),
+    # SLaK stage 4 kernels: 13x5 + 5x13 + 5x5
+    dict(N=1, C=2, H=7, W=9, shapes=[(13, 5), (5, 13), (5, 5)]),
+    # H or W smaller than the kernel, C = 1
+    dict(N=1, C=1, H=3, W=17, shapes=[(7, 9)]),
+    # N = 0
+    dict(N=0, C=2, H=5, W=5, shapes=[(5, 5)]),
+])
+def test_forward_examples(case, dtype):
+    p = dict(case, dtype=dtype, layout="contiguous", bias=True, mask=None, density=1.0, seed=1234)
+    x, ws, b, ms = build(p)
+    with TritonRan() if p["N"] > 0 else _null():
+        y = lk_conv2d(x, ws, b, backend="triton")
+    assert_close(y, reference64(x, ws, b, ms), dtype, n_taps(p["shapes"]), "y")
+
+
+def test_auto_backend_uses_triton_here():
+    x = torch.randn(1, 2, 6, 6, device=DEV)
+    w = torch.randn(2, 1, 5, 3, device=DEV)
+    with TritonRan():
+        y = lk_conv2d(x, w)
+    assert_close(y, reference64(x, [w], None, None), torch.float32, 15, "y")
+
+
+def test_reference_backend_runs_no_kernel():
+    x = torch.randn(1, 2, 6, 6, device=DEV)
+    w = torch.randn(2, 1, 5, 3, device=DEV)
+    before = LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    y = lk_conv2d(x, w, backend="reference")
+    assert LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] == before
+    assert_close(y, reference64(x, [w], None, None), torch.float32, 15, "y")
+
+
+def test_large_offsets_use_64bit_indexing(monkeypatch):
+    """Planes whose offsets reach 2**31 switch the kernels to int64 in-plane offsets (batch/channel offsets are
+    always int64); the int64 variant computes the same result."""
+    big = torch.empty_strided((1, 1, 70000, 70000), (1, 1, 70000, 1), device="meta")
+    assert op_mod._needs_wide_idx(big)
+    assert not op_mod._needs_wide_idx(torch.empty(2, 3, 224, 224, device="meta"))
+    monkeypatch.setattr(op_mod, "_needs_wide_idx", lambda t: True)
+    x = torch.randn(2, 2, 9, 7, device=DEV, requires_grad=True)
+    ws = [torch.randn(2, 1, 13, 3, device=DEV, requires_grad=True), torch.randn(2, 1, 3, 13, device=DEV, requires_grad=True)]
+    with TritonRan("lk_conv2d_fwd_kernel", "lk_conv2d_bwd_dw_kernel"):
+        y = lk_conv2d(x, ws, backend="triton")
+        y.backward(torch.ones_like(y))
+    assert_close(y, reference64(x, ws, None, None), torch.float32, 78, "y")
+    xd = x.detach().double().requires_grad_(True)
+    lk_conv2d_reference(xd, [w.detach().double() for w in ws]).backward(torch.ones(2, 2, 9, 7, dtype=torch.float64))
+    assert_close(x.grad, xd.grad, torch.float32, 78, "dx")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@given(p=problems())
+@settings(max_examples=8 if not ON_GPU else 100)
+def test_backward_matches_autograd_float64(p):
+    x, ws, b, ms = build(p, requires_grad=True)
+    y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
+    g = torch.randn(y.shape, device=DEV, dtype=torch.float64).to(y.dtype)
+    with TritonRan("lk_conv2d_fwd_kernel", "lk_conv2d_bwd_dw_kernel") if p["N"] > 0 else _null():
+        y.backward(g)
+    xd = x.detach().double().requires_grad_(True)
+    wd = [w.detach().double().requires_grad_(True) for w in ws]
+    bd = b.detach().double().requires_grad_(True) if b is not None else None
+    md = None if ms is None else [None if m is None else m.double() for m in ms]
+    ref = lk_conv2d_reference(xd, wd, bd, md)
+    ref.backward(g.double())
+    taps = n_taps(p["shapes"])
+    assert_close(x.grad, xd.grad, p["dtype"], taps, "dx")
+    pix = max(p["N"] * p["H"] * p["W"], 1)
+    for i, (w, r) in enumerate(zip(ws, wd)):
+        assert w.grad.dtype == w.dtype
+        assert_close(w.grad, r.grad, p["dtype"], pix, f"dW[{i}]")
+        if ms is not None and ms[i] is not None:
+            assert (w.grad[ms[i] == 0] == 0).all(), "weight gradient must be zero outside the mask"
+    if b is not None:
+        assert_close(b.grad, bd.grad, p["dtype"], pix, "db")
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12, device=DEV, requires_grad=True)
+    ws = [torch.randn(3, 1, 13, 5, device=DEV, requires_grad=True), torch.randn(3, 1, 5, 13, device=DEV, requires_grad=True)]
+    b = torch.randn(3, device=DEV, requires_grad=True)
+    g = torch.randn(2, 3, 12, 12, device=DEV)
+    grads = []
+    for _ in range(2):
+        for t in [x, b] + ws:
+            t.grad = None
+        lk_conv2d(x, ws, b, backend="triton").backward(g)
+        grads.append([t.grad.clone() for t in [x, b] + ws])
+    for a, c in zip(*grads):
+        assert torch.equal(a, c), "two backward passes differ bitwise"
+
+
+def test_double_backward_raises():
+    x = torch.randn(1, 1, 5, 5, device=DEV, requires_grad=True)
+    w = torch.randn(1, 1, 3, 3, device=DEV, requires_grad=True)
+    y = lk_conv2d(x, w, backend="triton")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+def test_gradcheck_reference_float64():
+    x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(2, 1, 5, 3, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 1, 1, 5, dtype=torch.float64, requires_grad=True)]
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w0, w1, b: lk_conv2d(x, [w0, w1], b, backend="reference"),
+                                    (x, ws[0], ws[1], b))
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU autocast check; the GPU tier covers CUDA autocast")
+def test_autocast_runs_in_autocast_dtype():
+    x = torch.randn(1, 2, 8, 8)
+    w = torch.randn(2, 1, 7, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), TritonRan():
+        y = lk_conv2d(x, w, backend="triton")
+    assert y.dtype == torch.bfloat16
+    ref = reference64(x.bfloat16(), [w.bfloat16()], None, None)
+    assert_close(y, ref, torch.bfloat16, 21, "y")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# block-sparse skipping
+# ----------------------------------------------------------------------------------------------------------------
+
+def brute_force_active_blocks(mask, tall):
+    """Counts blocks with any nonzero tap, by looping, per channel."""
+    C, _, kh, kw = mask.shape
+    bh, bw = block_shape(kh, kw)
+    counts = []
+    for c in range(C):
+        n = 0
+        for i in range(0, kh, bh):
+            for j in range(0, kw, bw):
+                n += bool((mask[c, 0, i:i + bh, j:j + bw] != 0).any())
+        counts.append(n)
+    return counts
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_scheduled_block_iterations_equal_active_blocks(density):
+    torch.manual_seed(7)
+    C = 4
+    wt = torch.randn(C, 1, 51, 5, device=DEV)
+    ww = torch.randn(C, 1, 5, 51, device=DEV)
+    mt, mw = rand_mask(wt, "block", density), rand_mask(ww, "block", density)
+    meta_t, meta_w = op_mod.slot_metadata([wt, ww], [mt, mw])
+    for meta, m, tall in ((meta_t, mt, True), (meta_w, mw, False)):
+        items, counts, tb = meta
+        expected = brute_force_active_blocks(m, tall)
+        assert counts.tolist() == expected
+        # the listed items are exactly the active blocks
+        nb = -(-51 // tb)
+        for c in range(C):
+            listed = sorted(items[c, : counts[c]].tolist())
+            act = []
+            for s in range(5):
+                for bidx in range(nb):
+                    blk = m[c, 0, bidx * tb:(bidx + 1) * tb, s] if tall else m[c, 0, s, bidx * tb:(bidx + 1) * tb]
+                    if (blk != 0).any():
+                        act.append(s * nb + bidx)
+            assert listed == act
+    # the kernel's loop runs exactly counts[c] block iterations: with the counts zeroed it does no work at all
+    x = torch.randn(1, C, 9, 9, device=DEV)
+    y = torch.full_like(x, float("nan"))
+    wt_f, ww_f = op_mod.fold_branches([wt, ww], [mt, mw])
+    zero = (meta_t[0], torch.zeros_like(meta_t[1]), meta_t[2])
+    zero_w = (meta_w[0], torch.zeros_like(meta_w[1]), meta_w[2])
+    with TritonRan():
+        op_mod.launch_lk_conv2d_fwd(x, wt_f, ww_f, None, y, sparse_t=zero, sparse_w=zero_w)
+    assert torch.equal(y, torch.zeros_like(y))
+    with TritonRan():
+        op_mod.launch_lk_conv2d_fwd(x, wt_f, ww_f, None, y, sparse_t=meta_t, sparse_w=meta_w)
+    assert_close(y, reference64(x, [wt, ww], None, [mt, mw]), torch.float32, 510, "y")
+
+
+def test_block_metadata_is_cached_until_the_mask_changes():
+    w = torch.randn(2, 1, 51, 5, device=DEV)
+    m = rand_mask(w, "block", 0.5)
+    a = op_mod.slot_metadata([w], [m])[0]
+    assert op_mod.slot_metadata([w], [m])[0] is a
+    m.mul_(0)
+    b = op_mod.slot_metadata([w], [m])[0]
+    assert b is not a and b[1].sum().item() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------------------------
+
+def _ok():
+    return torch.randn(1, 2, 8, 8), torch.randn(2, 1, 5, 3)
+
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda: (torch.randn(2, 8, 8), torch.randn(2, 1, 3, 3)), ValueError, ["x", "4-D"]),
+    (lambda: (torch.randn(1, 2, 8, 8), torch.randn(2, 2, 3, 3)), ValueError, ["weight", "[C, 1, kh, kw]"]),
+    (lambda: (torch.randn(1, 2, 8, 8), torch.randn(3, 1, 3, 3)), ValueError, ["weight", "3", "2"]),
+    (lambda: (torch.randn(1, 2, 8, 8), torch.randn(2, 1, 4, 3)), ValueError, ["weight", "odd", "kh=4"]),
+    (lambda: (torch.randn(1, 2, 8, 8), torch.randn(2, 1, 65, 3)), ValueError, ["weight", "63", "65"]),
+    (lambda: (torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3, dtype=torch.float16)), TypeError, ["weight", "float32", "float16"]),
+    (lambda: (torch.randint(0, 3, (1, 2, 8, 8)), torch.randn(2, 1, 3, 3)), TypeError, ["x", "floating", "int64"]),
+])
+def test_bad_input_errors(make, exc, words):
+    x, w = make()
+    with pytest.raises(exc) as ei:
+        lk_conv2d(x, w)
+    for word in words:
+        assert word in str(ei.value), f"{word!r} not in {ei.value}"
+
+
+def test_bad_mask_bias_backend_errors():
+    x, w = _ok()
+    with pytest.raises(ValueError, match=r"mask.*\(2, 1, 5, 3\).*\(2, 1, 3, 3\)"):
+        lk_conv2d(x, w, mask=torch.ones(2, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"mask: expected 2 entries.*got 1"):
+        lk_conv2d(x, [w, w], mask=[None])
+    with pytest.raises(ValueError, match=r"bias.*\(2,\).*\(3,\)"):
+        lk_conv2d(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match=r"backend.*'cuda'"):
+        lk_conv2d(x, w, backend="cuda")
+    with pytest.raises(TypeError, match=r"backend='triton'.*float64"):
+        lk_conv2d(x.double(), w.double(), backend="triton")
+    with pytest.raises(ValueError, match="block_shape|kh"):
+        block_shape(4, 3)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            lk_conv2d(x.cuda(), w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compile-only: every specialization compiles for sm_90 and sm_80 without spills
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_every_specialization_compiles_for_sm90_and_sm80():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-m", "slak_triton.ops.compile_check", "--arch", str(a)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in (90, 80)]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        print(out)  # registers per specialization, shown with pytest -s
+        assert "FAIL" not in out and "SPILL" not in out, out
+        assert p.returncode == 0, out
+        assert out.count("ok sm_") == len(specializations())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU tier
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_slak_stage_shapes(dtype):
+    """Full-size SLaK-T stage shapes (batch 8), forward and backward, compiled kernels, fp32 through tf32x3."""
+    for C, H, K in [(124, 56, 51), (249, 28, 49), (499, 14, 47), (998, 7, 13)]:
+        p = dict(N=8, C=C, H=H, W=H, shapes=[(K, 5), (5, K), (5, 5)], dtype=dtype, layout="contiguous", bias=True,
+                 mask="block", density=0.6, seed=C)
+        x, ws, b, ms = build(p, requires_grad=True)
+        y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
+        assert_close(y, reference64(x, ws, b, ms), dtype, n_taps(p["shapes"]), f"y C={C}")
+        y.backward(torch.randn_like(y))
+        assert not torch.isnan(x.grad).any()
