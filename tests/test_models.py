@@ -137,7 +137,7 @@ def official_forward(sd, x, cfg):
 
 
 def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -345,7 +345,7 @@ def test_official_init_and_drop_path_schedule():
     w = torch.cat([m.weight.detach().flatten() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
                    and m is not model.head])
     assert abs(float(w.std()) - 0.02) < 1e-3 and float(w.abs().max()) <= 2.0
-    assert all(float(m.bias.abs().max()) == 0 for m in model.modules()
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None)
     assert abs(float(model.head.weight.detach().std()) - 0.01) < 1.5e-3
     assert torch.equal(model.stages[1][0].gamma, torch.full((32,), 1e-6))
@@ -394,7 +394,7 @@ def test_pretrained_flag_is_refused():
 # Triton path: one block under the interpreter (compiled on GPU)
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_block_forward_through_triton(gen):
+def test_block_forward_through_triton(gen, device):
     sd = official_checkpoint(TEST_CFG, gen)
     model = slak_test().eval()
     model.load_state_dict(sd)
@@ -415,8 +415,9 @@ def test_block_forward_through_triton(gen):
                  sub["pwconv2.bias"])
     ref = x64 + (sub["gamma"] * t).permute(0, 3, 1, 2)
     n0 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    block.to(device)
     with torch.no_grad(), slak_triton.use_backend("triton"):
-        y = block(x)
+        y = block(x.to(device)).cpu()
     assert slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] == n0 + 1
     assert rel_err(y - x, ref - x64) < 1e-4
 

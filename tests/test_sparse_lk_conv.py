@@ -55,7 +55,7 @@ def reference_forward(m: SparseLKConv, x: torch.Tensor, training: bool = False) 
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -310,17 +310,18 @@ def test_state_dict_mask_key_wins_over_weight_zeros(gen):
 # Triton path (interpreter on CPU)
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_triton_forward_eval_and_fused_one_launch_each(gen):
+def test_triton_forward_eval_and_fused_one_launch_each(gen, device):
     C = 4
     m = randomize_(SparseLKConv(C, 13, 5), gen).eval()
     m.LoRA1.conv.weight_mask = (torch.rand(m.LoRA1.conv.weight.shape, generator=gen) < 0.6).float()
     x = torch.randn(1, C, 9, 10, generator=gen)
     ref = reference_forward(m, x)
     n0 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    m.to(device)
     with torch.no_grad(), slak_triton.use_backend("triton"):
-        y = m(x)
+        y = m(x.to(device))
         n1 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
-        y_f = m.fuse()(x)
+        y_f = m.fuse()(x.to(device))
     n2 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
     assert n1 - n0 == 1 and n2 - n1 == 1
     assert rel_err(y, ref) < 1e-4
@@ -426,13 +427,13 @@ def test_from_conv2d_copies_and_rejects(gen):
         convert_depthwise(nn.Sequential(), min_kernel_size=0)
 
 
-def test_lkconv2d_triton_path(gen):
+def test_lkconv2d_triton_path(gen, device):
     conv = nn.Conv2d(3, 3, 7, padding=3, groups=3)
-    lk = LKConv2d.from_conv2d(conv)
+    lk = LKConv2d.from_conv2d(conv).to(device)
     x = torch.randn(1, 3, 8, 9, generator=gen)
     n0 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
     with torch.no_grad(), slak_triton.use_backend("triton"):
-        y = lk(x)
+        y = lk(x.to(device))
     assert slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] == n0 + 1
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=3, groups=3)
     assert rel_err(y, ref) < 1e-4
