@@ -1,0 +1,238 @@
+"""slak-bench: the work counters against brute force and hand counts, the shapes registry, block masks, and the CLI
+run in-process (CPU mode here: PyTorch timed on the CPU, Triton checked under the interpreter) writing well-formed
+records."""
+
+import csv
+import datetime
+import itertools
+import json
+import math
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from slak_triton import block_shape
+from slak_triton.bench import bench_lk_conv2d, bench_models, counters, report
+from slak_triton.bench.cli import main
+from slak_triton.bench.env import git_commit, lookup_peaks
+from slak_triton.bench.shapes import REGISTRY, reduce_for_cpu, select_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+ON_GPU = torch.cuda.is_available()
+
+
+def brute_force_taps(n, c, h, w, kernels, masks=None):
+    """Counts, output by output and tap by tap, the taps whose input pixel lies inside the image."""
+    total = 0
+    for b, (kh, kw) in enumerate(kernels):
+        for ch in range(c):
+            for oy, ox, i, j in itertools.product(range(h), range(w), range(kh), range(kw)):
+                if masks is not None and masks[b] is not None and not bool(masks[b][ch, 0, i, j]):
+                    continue
+                iy, ix = oy + i - kh // 2, ox + j - kw // 2
+                if 0 <= iy < h and 0 <= ix < w:
+                    total += 1
+    return n * total
+
+
+# ---------------------------------------------------------------------------------------------------- counters
+
+def test_useful_taps_hand_checked_3x3():
+    # 3x3 kernel on a 3x3 image: per axis the outputs see 2, 3, 2 taps inside -> 7 * 7 = 49 taps.
+    assert counters.useful_taps(1, 1, 3, 3, [(3, 3)]) == 49
+    assert counters.flops(49, "fwd") == 98
+    assert counters.flops(49, "bwd") == 196
+    assert counters.flops(49, "fwdbwd") == 294
+    assert counters.nominal_taps(1, 1, 3, 3, [(3, 3)]) == 81
+    # fp32: x 36 B read, y 36 B written, weights 36 B read.
+    assert counters.min_bytes(1, 1, 3, 3, [(3, 3)], 4, "fwd") == 108
+    # backward: dy and x read, dx written (3 * 36), weights read and dw written (2 * 36).
+    assert counters.min_bytes(1, 1, 3, 3, [(3, 3)], 4, "bwd") == 180
+    assert counters.min_bytes(1, 1, 3, 3, [(3, 3)], 4, "fwdbwd") == 288
+
+
+def test_useful_taps_kernel_longer_than_plane():
+    # 1 x 5 kernel on a 1 x 2 image: output 0 sees inputs 0, 1; output 1 sees 0, 1 -> 4 taps.
+    assert counters.useful_taps(1, 1, 1, 2, [(1, 5)]) == 4
+
+
+def test_useful_taps_match_brute_force():
+    rnd = random.Random(7)
+    for _ in range(25):
+        n, c, h, w = rnd.randint(1, 2), rnd.randint(1, 3), rnd.randint(1, 9), rnd.randint(1, 9)
+        kernels = [(rnd.choice([1, 3, 5, 7, 11]), rnd.choice([1, 3, 5, 9])) for _ in range(rnd.randint(1, 3))]
+        masks = None
+        if rnd.random() < 0.6:
+            g = torch.Generator().manual_seed(rnd.randint(0, 10**6))
+            masks = [None if rnd.random() < 0.3 else torch.rand(c, 1, kh, kw, generator=g) < 0.5 for kh, kw in kernels]
+        assert counters.useful_taps(n, c, h, w, kernels, masks) == brute_force_taps(n, c, h, w, kernels, masks), \
+            (n, c, h, w, kernels)
+
+
+def test_slak_t_stage1_matches_published_derivation():
+    # slak_reference.md: SLaK-T stage 1 forward at N=64: 26.6 GFLOP nominal, 20.4 GFLOP on taps inside the image,
+    # minimum traffic 199 MB fp32 / 99.5 MB fp16.
+    s = REGISTRY["ts-s1-b64"]
+    dims = (s.batch, s.channels, s.height, s.width)
+    assert round(2 * counters.nominal_taps(*dims, s.kernels) / 1e9, 1) == 26.6
+    assert round(counters.flops(counters.useful_taps(*dims, s.kernels), "fwd") / 1e9, 1) == 20.4
+    assert round(counters.min_bytes(*dims, s.kernels, 4, "fwd") / 1e6) == 199
+    assert abs(counters.min_bytes(*dims, s.kernels, 2, "fwd") / 1e6 - 99.5) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------------- shapes, masks
+
+def test_registry_covers_every_stage_and_batch():
+    assert len(REGISTRY) == 2 * 4 * 3
+    expected = {"ts": (124, 249, 499, 998), "b": (166, 332, 665, 1331)}
+    for fam, chans in expected.items():
+        for stage, (c, side, k) in enumerate(zip(chans, (56, 28, 14, 7), (51, 49, 47, 13)), start=1):
+            for n in (1, 16, 64):
+                s = REGISTRY[f"{fam}-s{stage}-b{n}"]
+                assert (s.batch, s.channels, s.height, s.width) == (n, c, side, side)
+                assert s.kernels == ((k, 5), (5, k), (5, 5))
+    assert {s.id for s in select_shapes("b")} == {i for i in REGISTRY if i.startswith("b-")}
+    with pytest.raises(ValueError, match="unknown shape"):
+        select_shapes("ts-s9-b1")
+
+
+def test_reduce_for_cpu_merges_and_keeps_kernels():
+    proxies = reduce_for_cpu([REGISTRY["ts-s1-b64"], REGISTRY["ts-s1-b1"], REGISTRY["b-s4-b16"]])
+    assert len(proxies) == 2
+    assert proxies[0].source == ("ts-s1-b64", "ts-s1-b1")
+    assert proxies[0].kernels == REGISTRY["ts-s1-b64"].kernels
+    assert proxies[1].height == 7 and proxies[1].kernels == ((13, 5), (5, 13), (5, 5))
+    assert all(p.batch == 1 and p.channels <= 2 and p.height <= 28 for p in proxies)
+
+
+@pytest.mark.parametrize("density", [0.6, 0.3])
+def test_block_masks_are_block_structured(density):
+    kernels = [(51, 5), (5, 51), (5, 5), (13, 5)]
+    masks = bench_lk_conv2d.block_masks(6, kernels, density, torch.Generator().manual_seed(1))
+    for (kh, kw), m in zip(kernels, masks):
+        assert m.shape == (6, 1, kh, kw) and m.dtype == torch.bool
+        bh, bw = block_shape(kh, kw)
+        nb = math.ceil(kh / bh) * math.ceil(kw / bw)
+        for c in range(6):
+            active = 0
+            for by in range(0, kh, bh):
+                for bx in range(0, kw, bw):
+                    blk = m[c, 0, by:by + bh, bx:bx + bw]
+                    assert bool(blk.all()) or not bool(blk.any()), "mask cuts through a sparsity block"
+                    active += int(blk.any())
+            assert active == max(1, round(density * nb))
+    assert bench_lk_conv2d.block_masks(6, kernels, 1.0, torch.Generator()) is None
+
+
+# ---------------------------------------------------------------------------------------------------- env
+
+def test_peak_table_by_device_name():
+    assert lookup_peaks("NVIDIA H100 80GB HBM3").hbm_tbs == 3.35
+    assert lookup_peaks("NVIDIA H100 80GB HBM3").fp32_fma_tflops == 67.0
+    assert lookup_peaks("NVIDIA H100 PCIe").label == "H100 PCIe"
+    assert lookup_peaks("NVIDIA H200").hbm_tbs == 4.8
+    assert lookup_peaks("NVIDIA A100-SXM4-80GB").tensor_tflops(torch.bfloat16) == 312.0
+    assert lookup_peaks("NVIDIA GeForce GTX 1080") is None
+
+
+def test_git_commit_unknown_outside_a_repository(tmp_path):
+    assert git_commit(tmp_path) == {"git_commit": "unknown", "git_dirty": None}
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+REQUIRED = {
+    "device", "torch", "triton", "git_commit", "date", "cpu_mode", "where", "shape", "batch", "channels", "height",
+    "width", "kernels", "dtype", "density", "mode", "provider", "status", "ms", "ms_p20", "ms_p80", "flop_useful",
+    "bytes_min", "tflops", "pct_fp32_fma_peak", "pct_tensor_peak", "pct_mem_floor", "speedup_vs_torch",
+    "check_rel_err", "check_ok",
+}
+
+
+def test_cli_op_cpu_mode_writes_well_formed_records(tmp_path, capsys):
+    out_json, out_csv = tmp_path / "out.json", tmp_path / "out.csv"
+    rc = main(["op", "--shapes", "tiny", "--dtypes", "fp32", "--densities", "1.0,0.3", "--modes", "fwd,fwdbwd",
+               "--json", str(out_json), "--csv", str(out_csv), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == report.SCHEMA
+    recs = doc["records"]
+    assert len(recs) == 1 * 2 * 2 * len(bench_lk_conv2d.PROVIDERS)
+    for r in recs:
+        missing = REQUIRED - set(r)
+        assert not missing, missing
+        assert r["device"] and r["torch"] == torch.__version__ and r["triton"]
+        assert r["git_commit"] != ""
+        datetime.datetime.fromisoformat(r["date"])
+        assert r["cpu_mode"] is (not ON_GPU)
+        # the counters, recomputed by brute force on the shape the record says it ran
+        masks_dense = r["density"] == 1.0
+        dims = (r["batch"], r["channels"], r["height"], r["width"])
+        kernels = [tuple(int(v) for v in k.split("x")) for k in r["kernels"].split("+")]
+        if masks_dense:
+            assert r["flop_useful"] == 2 * counters.passes(r["mode"]) * brute_force_taps(*dims, kernels)
+        else:
+            assert 0 < r["flop_useful"] < 2 * counters.passes(r["mode"]) * brute_force_taps(*dims, kernels)
+        assert r["status"] in ("timed", "checked", "unavailable")
+        if r["status"] == "unavailable":
+            assert r["reason"]
+        else:
+            assert r["check_ok"] is True, r
+        if r["status"] == "timed":
+            assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+            assert r["tflops"] == pytest.approx(r["flop_useful"] / (r["ms"] * 1e-3) / 1e12)
+    by = {(r["density"], r["mode"], r["provider"]): r for r in recs}
+    if not ON_GPU:
+        assert all(r["where"] == "CPU MODE" for r in recs)
+        for prov in bench_lk_conv2d.TRITON_PROVIDERS:
+            r = by[(1.0, "fwd", prov)]
+            assert r["status"] == "checked" and r["ms"] is None and r["triton_launches"] > 0
+        table_lines = [ln for ln in text.splitlines() if " cpu-tiny " in ln]
+        assert len(table_lines) == len(recs) and all(ln.startswith("[CPU MODE]") for ln in table_lines)
+        assert "NOT GPU numbers" in text
+    for mode in ("fwd", "fwdbwd"):
+        assert by[(1.0, mode, "torch")]["status"] == "timed"
+        assert by[(1.0, mode, "torch")]["speedup_vs_torch"] == pytest.approx(1.0)
+    with out_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(recs) and REQUIRED <= set(rows[0])
+
+
+def test_cli_rejects_unknown_shape(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["op", "--shapes", "nope"])
+    assert e.value.code == 2
+    assert "unknown shape" in capsys.readouterr().err
+
+
+def test_cli_plot_or_clear_message(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    rc = main(["op", "--shapes", "tiny", "--dtypes", "fp32", "--densities", "1.0", "--modes", "fwd",
+               "--providers", "torch,torch-cl", "--plot", str(png), "--no-progress"])
+    if report.MATPLOTLIB_ERROR is None:
+        assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert rc == 1 and not png.exists()
+        assert "matplotlib" in capsys.readouterr().err
+
+
+def test_cli_model_subcommand(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["model", "--variants", "T", "--kinds", "eval", "--batch", "1", "--image-size", "32",
+               "--json", str(out), "--no-progress"])
+    if bench_models.MODELS_IMPORT_ERROR is not None:
+        assert rc == 2 and "slak_triton.models is not available" in capsys.readouterr().err
+        return
+    assert rc == 0
+    recs = json.loads(out.read_text())["records"]
+    assert {r["provider"] for r in recs} == set(bench_models.MODEL_PROVIDERS)
+    torch_rec = next(r for r in recs if r["provider"] == "torch")
+    assert torch_rec["status"] == "timed" and torch_rec["images_per_s"] == pytest.approx(1 / (torch_rec["ms"] * 1e-3))
+
+
+def test_gpu_check_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
