@@ -297,8 +297,9 @@ def test_features_only(gen):
     assert {"norm0.weight", "norm2.bias", "norm3.weight"} <= keys
     assert not any(k.startswith(("head.", "norm.", "norm1.")) for k in keys)
     # a classifier checkpoint loads into the backbone once filtered (the norms per output are new)
-    filtered = checkpoint_filter_fn({"model": sd}, backbone)
-    result = backbone.load_state_dict(filtered, strict=False)
+    filtered = checkpoint_filter_fn({"model": {"backbone." + k: v for k, v in sd.items()}}, backbone)
+    assert "head.weight" not in filtered and "norm.weight" not in filtered and "stages.0.0.gamma" in filtered
+    result = load_official_checkpoint(backbone, {"model": sd})  # strict, except for the new norms
     assert sorted(result.missing_keys) == ["norm0.bias", "norm0.weight", "norm2.bias", "norm2.weight",
                                            "norm3.bias", "norm3.weight"]
     assert not result.unexpected_keys

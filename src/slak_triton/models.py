@@ -439,8 +439,8 @@ def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathL
 
     ``weights_only=False`` is needed for official training checkpoints that pickle an argparse Namespace (only
     for files you trust). Masks are derived from the checkpoint's zeros. With ``strict`` a mismatch raises a
-    RuntimeError that lists the missing and unexpected keys; returns torch's ``(missing_keys, unexpected_keys)``.
-    Load before ``fuse()``.
+    RuntimeError that lists the missing and unexpected keys (a ``features_only`` backbone's new ``norm{i}`` layers
+    are not an error); returns torch's ``(missing_keys, unexpected_keys)``. Load before ``fuse()``.
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
         try:
@@ -456,12 +456,17 @@ def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathL
         raise TypeError(f"path_or_dict: expected a path or a mapping, got {type(path_or_dict).__name__}")
     sd = checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
     result = model.load_state_dict(sd, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
+    missing = result.missing_keys
+    if isinstance(model, SLaK) and model.features_only:
+        # the per-output norms of a backbone are new layers: ImageNet checkpoints cannot have them
+        new = tuple(f"norm{i}." for i in model.out_indices)
+        missing = [k for k in missing if not k.startswith(new)]
+    if strict and (missing or result.unexpected_keys):
         def show(keys):
             return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "") or "none"
         raise RuntimeError(
             f"load_official_checkpoint: the checkpoint does not match the model.\n"
-            f"  missing keys ({len(result.missing_keys)}): {show(result.missing_keys)}\n"
+            f"  missing keys ({len(missing)}): {show(missing)}\n"
             f"  unexpected keys ({len(result.unexpected_keys)}): {show(result.unexpected_keys)}\n"
             f"  (fused models cannot load unfused checkpoints: load first, then fuse())")
     return result
