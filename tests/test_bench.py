@@ -236,3 +236,15 @@ def test_cli_model_subcommand(tmp_path, capsys):
 
 def test_gpu_check_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_workflows_parse_and_run_the_documented_commands():
+    yaml = pytest.importorskip("yaml")
+    ci = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    gpu = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu.yml").read_text())
+    ci_runs = " ".join(s.get("run", "") for s in ci["jobs"]["cpu"]["steps"])
+    assert "download.pytorch.org/whl/cpu" in ci_runs and "-c .ci/constraints.txt" in ci_runs and "pytest -q" in ci_runs
+    job = gpu["jobs"]["gpu-check"]
+    assert job["runs-on"] == ["self-hosted", "gpu"]
+    assert any("bench/gpu_check.sh" in s.get("run", "") for s in job["steps"])
+    assert any(s.get("with", {}).get("path") == "bench/results/" for s in job["steps"])
