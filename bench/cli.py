@@ -155,7 +155,7 @@ def _banner(meta: dict) -> None:
 def _write_outputs(args, records, meta, fmt_extra=None) -> int:
     """JSON/CSV (and plot for op); returns 0, or 1 when the plot could not be made."""
     if args.json:
-        write_json(args.json, records, meta, fmt_extra)
+        write_json(args.json, records, meta, dict(fmt_extra or {}, partial=False))
         print(f"wrote {len(records)} records to {args.json}")
     if args.csv:
         write_csv(args.csv, records)
@@ -202,8 +202,12 @@ def _cmd_op(args, parser) -> int:
         warmup_ms=_pick(args.warmup_ms, q, "warmup_ms", QUICK_OP, FULL_OP),
         rep_ms=_pick(args.rep_ms, q, "rep_ms", QUICK_OP, FULL_OP),
         seed=args.seed, progress=not args.no_progress)
+    def checkpoint(done):
+        write_json(args.json, done, meta, {"partial": True})
+
     with cpu_mode_threads(CPU_THREADS):
-        records = op_bench.run_op_bench(cfg, meta, peaks, meta.get("ceilings"))
+        records = op_bench.run_op_bench(cfg, meta, peaks, meta.get("ceilings"),
+                                        checkpoint if args.json else None)
     print(format_op_table(records))
     if meta["cpu_mode"]:
         print(f"*** {CPU_MODE_NOTE} ***")

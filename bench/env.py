@@ -111,6 +111,7 @@ def run_metadata() -> Dict[str, object]:
         "triton_interpreter": slak_triton.interpreter_active(),
         "autotune": os.environ.get("SLAK_TRITON_AUTOTUNE", "1") != "0" and gpu,
         "fp32_precision": os.environ.get("SLAK_TRITON_FP32_PRECISION", "tf32x3"),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if gpu else None,
         "cpu_threads": None if gpu else CPU_THREADS,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
