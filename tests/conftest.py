@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The tests use tiny tensors: OpenMP start-up per op costs more than the work, and on a loaded 2-core machine
+    # two threads made small ops ~100x slower. One thread keeps the suite's time predictable.
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

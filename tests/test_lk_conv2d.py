@@ -302,9 +302,8 @@ def test_double_backward_raises():
     x = torch.randn(1, 1, 5, 5, device=DEV, requires_grad=True)
     w = torch.randn(1, 1, 3, 3, device=DEV, requires_grad=True)
     y = lk_conv2d(x, w, backend="triton")
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
 def test_gradcheck_reference_float64():
@@ -468,3 +467,73 @@ def test_gpu_slak_stage_shapes(dtype):
         assert_close(y, reference64(x, ws, b, ms), dtype, n_taps(p["shapes"]), f"y C={C}")
         y.backward(torch.randn_like(y))
         assert not torch.isnan(x.grad).any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration, opcheck, torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+
+# Under the interpreter, AOT tracing cannot record an interpreted launch (the op raises instead of compiling a
+# wrong graph), so test_aot_dispatch_dynamic runs in the GPU tier only.
+OPCHECK_UTILS = None if ON_GPU else ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _opcheck_cases():
+    torch.manual_seed(3)
+    x = torch.randn(1, 2, 6, 7, device=DEV, requires_grad=True)
+    wt = torch.randn(2, 13, 3, device=DEV, requires_grad=True)
+    ww = torch.randn(2, 3, 13, device=DEV, requires_grad=True)
+    b = torch.randn(2, device=DEV, requires_grad=True)
+    mt = (torch.rand(2, 13, 3, device=DEV) < 0.5).float()
+    ti, tc, tb = op_mod.block_metadata(mt, True)
+    return [
+        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x, wt, ww, b, None, None, None, None, tb, False)),
+        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x, wt * mt, None, None, ti, tc, None, None, tb, False)),
+        (torch.ops.slak_triton.lk_conv2d_bwd_dw.default, (x.detach(), torch.randn(1, 2, 6, 7, device=DEV), 13, 3, 3, 13, True)),
+    ]
+
+
+def test_opcheck():
+    for op, args in _opcheck_cases():
+        result = torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
+class _TwoBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(2, 1, 13, 3))
+        self.v = torch.nn.Parameter(torch.randn(2, 1, 3, 13))
+        self.register_buffer("m", (torch.rand(2, 1, 13, 3) < 0.6).float())
+
+    def forward(self, x):
+        return torch.relu(lk_conv2d(x, [self.w, self.v], mask=[self.m, None]))
+
+
+def test_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) traces the op with no graph break. On CPU-only machines it runs the reference
+    path (the interpreter cannot be compiled); on CUDA it compiles the Triton kernels."""
+    torch.manual_seed(5)
+    m = _TwoBranch().to(DEV)
+    x = torch.randn(2, 2, 9, 8, device=DEV, requires_grad=True)
+    backend = "triton" if ON_GPU else "reference"
+    cm = torch.compile(m, fullgraph=True)
+    with slak_triton.use_backend(backend):
+        y_c = cm(x)
+        y_c.sum().backward()
+        g_c = [x.grad.clone(), m.w.grad.clone(), m.v.grad.clone()]
+        x.grad = m.w.grad = m.v.grad = None
+        y_e = m(x)
+        y_e.sum().backward()
+        g_e = [x.grad, m.w.grad, m.v.grad]
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter-only guard")
+def test_compile_of_interpreted_kernels_fails_loudly():
+    m = _TwoBranch()
+    cm = torch.compile(m, fullgraph=True)
+    with slak_triton.use_backend("triton"), pytest.raises(Exception, match="TRITON_INTERPRET"):
+        cm(torch.randn(1, 2, 9, 8))

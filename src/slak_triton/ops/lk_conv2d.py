@@ -17,6 +17,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import register_autograd, triton_op, wrap_triton
 
 from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_bwd_dw_configs,
@@ -40,6 +44,11 @@ __all__ = [
     "interpreter_active",
     "fold_branches",
     "launch_lk_conv2d_fwd",
+    "launch_lk_conv2d_bwd_dw",
+    "lk_conv2d_fwd_op",
+    "lk_conv2d_bwd_dw_op",
+    "block_metadata",
+    "slot_metadata",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -80,6 +89,20 @@ def interpreter_active() -> bool:
     Triton chooses interpreter or compiler when a ``@triton.jit`` function is defined, so the variable must be set
     before ``slak_triton`` is imported."""
     return type(lk_conv2d_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _tracing_only(t: torch.Tensor) -> bool:
+    """True for fake/meta tensors under the interpreter: torch.compile and opcheck trace the op's body with such
+    tensors, and an interpreted kernel cannot run on them (a compiled one is recorded by ``wrap_triton`` instead).
+    The outputs' shapes and strides are already right, so the launch is skipped."""
+    if not interpreter_active():
+        return False
+    if isinstance(t, FunctionalTensor):
+        # the body is being traced into a graph (torch.compile / AOT): an interpreted launch cannot be recorded,
+        # and skipping it would compile a graph that returns garbage
+        raise RuntimeError("lk_conv2d: torch.compile cannot trace kernels running under TRITON_INTERPRET=1; compile "
+                           "with slak_triton.use_backend('reference') on CPU, or run on a CUDA device")
+    return t.device.type == "meta" or isinstance(t, FakeTensor) or detect_fake_mode((t,)) is not None
 
 
 def _autotune_enabled() -> bool:
@@ -289,7 +312,7 @@ def launch_lk_conv2d_fwd(
     sparse_t / sparse_w: None (dense) or (items [C, n] int32, counts [C] int32, taps_per_block) block lists.
     """
     N, C, H, W = x.shape
-    if N == 0:
+    if N == 0 or _tracing_only(x):
         return out
     dummy = x  # any tensor: pointers of absent operands are never read
     KH_T, KW_T = (wt.shape[1], wt.shape[2]) if wt is not None else (0, 0)
@@ -318,11 +341,11 @@ def launch_lk_conv2d_fwd(
     )
     if _autotune_enabled():
         grid = lambda meta: (N * C * triton.cdiv(H, meta["BH"]) * triton.cdiv(W, meta["BW"]),)  # noqa: E731
-        _fwd_autotuned[grid](**args)
+        wrap_triton(_fwd_autotuned)[grid](**args)
     else:
         cfg = lk_conv2d_default_config(H, W)
         grid = (N * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
-        lk_conv2d_fwd_kernel[grid](**args, **cfg)
+        wrap_triton(lk_conv2d_fwd_kernel)[grid](**args, **cfg)
     LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] += 1
     return out
 
@@ -338,11 +361,23 @@ def _new_empty(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.empty(*shape, device=device, dtype=torch.float32)
 
 
-_dw_autotuned = triton.autotune(
-    configs=lk_conv2d_bwd_dw_configs(),
-    key=["C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS"],
-)(triton.heuristics(lk_conv2d_bwd_dw_derived)(lk_conv2d_bwd_dw_kernel))
-_dw_plain = triton.heuristics(lk_conv2d_bwd_dw_derived)(lk_conv2d_bwd_dw_kernel)
+_DW_TUNERS: dict = {}
+
+
+def _dw_derived(cfg: dict, slots: dict) -> dict:
+    both = dict(cfg, **slots)
+    return {k: f(both) for k, f in lk_conv2d_bwd_dw_derived.items()}
+
+
+def _dw_tuner(slots: dict):
+    """One autotuner per slot pattern: the derived meta-parameters (window sizes) depend on the tile and the
+    kernel sizes, so they are baked into each config (torch.compile traces autotuners, not heuristics)."""
+    key = tuple(sorted(slots.items()))
+    if key not in _DW_TUNERS:
+        configs = [triton.Config(dict(c.kwargs, **_dw_derived(c.kwargs, slots)), num_warps=c.num_warps,
+                                 num_stages=c.num_stages) for c in lk_conv2d_bwd_dw_configs()]
+        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["C", "H", "W", "HAS_BIAS"])(lk_conv2d_bwd_dw_kernel)
+    return _DW_TUNERS[key]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -373,6 +408,9 @@ def launch_lk_conv2d_bwd_dw(
     dwt = _new_empty(n_splits, C, KH_T, KW_T, device=dev) if KH_T else None
     dww = _new_empty(n_splits, C, KH_W, KW_W, device=dev) if KH_W else None
     db = _new_empty(n_splits, C, device=dev) if need_bias else None
+    if _tracing_only(x):
+        return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
+                db.sum(0) if db is not None else None)
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
     args = dict(
         x_ptr=x, dy_ptr=dy, dwt_ptr=dwt if dwt is not None else dummy, dww_ptr=dww if dww is not None else dummy,
@@ -385,10 +423,13 @@ def launch_lk_conv2d_bwd_dw(
         DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
     )
     grid = (C, n_splits)
+    slots = dict(KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W)
     if _autotune_enabled():
-        _dw_autotuned[grid](**args)
+        wrap_triton(_dw_tuner(slots))[grid](**args)
     else:
-        _dw_plain[grid](**args, **lk_conv2d_bwd_dw_default_config(H, W))
+        cfg = lk_conv2d_bwd_dw_default_config(H, W)
+        meta = {k: v for k, v in cfg.items() if k in ("BH", "BW")}
+        wrap_triton(lk_conv2d_bwd_dw_kernel)[grid](**args, **cfg, **_dw_derived(meta, slots))
     LAUNCH_COUNTS["lk_conv2d_bwd_dw_kernel"] += 1
     # fixed-order reduction over the splits: deterministic
     return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
@@ -454,6 +495,10 @@ def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta
         if not sel or all(m is None for _, m in sel):
             out.append(None)
             continue
+        if torch.compiler.is_compiling():
+            # traced graphs recompute the lists (a few fused tensor ops) instead of keeping a Python-side cache
+            out.append(block_metadata(_fold_masks(weights, masks, tall), tall))
+            continue
         key = (tall,) + tuple((tuple(w.shape), id(m), m._version if m is not None else -1) for w, m in sel)
         hit = _META_CACHE.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], [m for _, m in sel])):
@@ -469,44 +514,87 @@ def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta
 
 
 # --------------------------------------------------------------------------------------------------------------
-# autograd
+# torch.library ops and autograd
 # --------------------------------------------------------------------------------------------------------------
 
-class LKConv2dFunction(torch.autograd.Function):
-    """y = conv(x, tall) + conv(x, wide) + bias on the Triton kernels; backward: dx by the flipped-kernel launch of
-    the forward kernel (same block lists), d(tall), d(wide), d(bias) by the weight-gradient kernel.
-    Double backward is not supported (raises)."""
+def _meta(items, count, tb) -> Optional[SlotMeta]:
+    return None if items is None else (items, count, tb)
 
-    @staticmethod
-    def forward(ctx, x, wt, ww, bias, meta_t, meta_w):
-        out = _empty_like_layout(x)
-        launch_lk_conv2d_fwd(x, wt, ww, bias, out, sparse_t=meta_t, sparse_w=meta_w)
-        ctx.save_for_backward(x, wt, ww)
-        ctx.meta = (meta_t, meta_w)
-        ctx.has_bias = bias is not None
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, wt, ww = ctx.saved_tensors
-        meta_t, meta_w = ctx.meta
-        need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
-        dx = dwt = dww = db = None
-        if need_x:
-            dx = _empty_like_layout(x)
-            launch_lk_conv2d_fwd(dy, wt, ww, None, dx, flip=True, sparse_t=meta_t, sparse_w=meta_w)
-        if need_t or need_w or need_b:
-            gt, gw, gb = launch_lk_conv2d_bwd_dw(
-                x, dy,
-                tuple(wt.shape[1:]) if (wt is not None and need_t) else None,
-                tuple(ww.shape[1:]) if (ww is not None and need_w) else None,
-                need_b and ctx.has_bias,
-            )
-            dwt = gt.to(wt.dtype) if gt is not None else None
-            dww = gw.to(ww.dtype) if gw is not None else None
-            db = gb.to(x.dtype) if gb is not None else None
-        return dx, dwt, dww, db, None, None
+@triton_op("slak_triton::lk_conv2d_fwd", mutates_args={})
+def lk_conv2d_fwd_op(
+    x: torch.Tensor,
+    wt: Optional[torch.Tensor],
+    ww: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    t_items: Optional[torch.Tensor],
+    t_count: Optional[torch.Tensor],
+    w_items: Optional[torch.Tensor],
+    w_count: Optional[torch.Tensor],
+    taps_per_block: int,
+    flip: bool,
+) -> torch.Tensor:
+    """``torch.ops.slak_triton.lk_conv2d_fwd``: the slot-level forward (or, with ``flip``, the input gradient).
+
+    x: [N, C, H, W]; wt: [C, KH_T, KW_T] or None; ww: [C, KH_W, KW_W] or None; bias: [C] or None;
+    t_items/t_count, w_items/w_count: block lists from ``block_metadata`` or None (dense). Returns [N, C, H, W]
+    in x's dtype and memory format. Differentiable (``register_autograd``) once."""
+    out = _empty_like_layout(x)
+    launch_lk_conv2d_fwd(x, wt, ww, bias, out, flip=flip, sparse_t=_meta(t_items, t_count, taps_per_block),
+                         sparse_w=_meta(w_items, w_count, taps_per_block))
+    return out
+
+
+@triton_op("slak_triton::lk_conv2d_bwd_dw", mutates_args={})
+def lk_conv2d_bwd_dw_op(
+    x: torch.Tensor, dy: torch.Tensor, kh_t: int, kw_t: int, kh_w: int, kw_w: int, need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.slak_triton.lk_conv2d_bwd_dw``: fp32 gradients (tall [C, kh_t, kw_t], wide [C, kh_w, kw_w],
+    bias [C]) of ``lk_conv2d_fwd`` for forward input ``x`` and output gradient ``dy``; a slot or bias that is not
+    asked for (size 0) comes back with zero elements. Deterministic."""
+    C = x.shape[1]
+    gt, gw, gb = launch_lk_conv2d_bwd_dw(x, dy, (kh_t, kw_t) if kh_t else None, (kh_w, kw_w) if kh_w else None,
+                                         need_bias)
+    empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return (gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
+            gb if gb is not None else empty(0))
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, wt, ww, bias, t_items, t_count, w_items, w_count, taps_per_block, flip = inputs
+    if flip:
+        ctx.flip = True
+        return
+    ctx.flip = False
+    ctx.save_for_backward(x, wt, ww, t_items, t_count, w_items, w_count)
+    ctx.taps_per_block = taps_per_block
+    ctx.has_bias = bias is not None
+
+
+def _fwd_backward(ctx, dy):
+    if ctx.flip:
+        raise RuntimeError("lk_conv2d: the input-gradient launch (flip=True) is not differentiable")
+    if torch.is_grad_enabled():
+        raise RuntimeError("lk_conv2d: double backward is not supported (create_graph=True); use backend='reference' "
+                           "for higher-order gradients")
+    x, wt, ww, t_items, t_count, w_items, w_count = ctx.saved_tensors
+    need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
+    dx = dwt = dww = db = None
+    if need_x:
+        dx = torch.ops.slak_triton.lk_conv2d_fwd(dy, wt, ww, None, t_items, t_count, w_items, w_count,
+                                                 ctx.taps_per_block, True)
+    if need_t or need_w or need_b:
+        kt = tuple(wt.shape[1:]) if (wt is not None and need_t) else (0, 0)
+        kw = tuple(ww.shape[1:]) if (ww is not None and need_w) else (0, 0)
+        gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1],
+                                                            bool(need_b and ctx.has_bias))
+        dwt = gt.to(wt.dtype) if kt[0] else None
+        dww = gw.to(ww.dtype) if kw[0] else None
+        db = gb.to(x.dtype) if (need_b and ctx.has_bias) else None
+    return dx, dwt, dww, db, None, None, None, None, None, None
+
+
+register_autograd("slak_triton::lk_conv2d_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -552,5 +640,10 @@ def lk_conv2d(
         bias = bias.to(dt) if bias is not None else None
     meta_t, meta_w = slot_metadata(weights, masks)
     wt, ww = fold_branches(weights, masks)
+    tb = (meta_t or meta_w or (None, None, TAPS_PER_BLOCK))[2]
     with torch.autocast(x.device.type, enabled=False):
-        return LKConv2dFunction.apply(x, wt, ww, bias, meta_t, meta_w)
+        return torch.ops.slak_triton.lk_conv2d_fwd(
+            x, wt, ww, bias,
+            meta_t[0] if meta_t else None, meta_t[1] if meta_t else None,
+            meta_w[0] if meta_w else None, meta_w[1] if meta_w else None,
+            tb, False)
