@@ -159,7 +159,7 @@ def lk_conv2d_fwd_kernel(
     w_items_ptr,  # [C, n_items_w] int32 active wide blocks per channel, item = row * NB_W + block (SPARSE_W only)
     w_count_ptr,  # [C] int32 (SPARSE_W only)
     # ---- sizes ----
-    C, H, W,
+    N, C, H, W,   # N only keys the autotuner (the grid covers the batch)
     # ---- strides (elements) ----
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,

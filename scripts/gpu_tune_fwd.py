@@ -43,7 +43,7 @@ def run_cfg(x, wt, ww, b, out, cfg):
     grid = (N * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
     lk_conv2d_fwd_kernel[grid](
         x_ptr=x, wt_ptr=wt, ww_ptr=ww, b_ptr=b, y_ptr=out, t_items_ptr=x, t_count_ptr=x, w_items_ptr=x, w_count_ptr=x,
-        C=C, H=H, W=W, sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+        N=N, C=C, H=H, W=W, sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         syn=out.stride(0), syc=out.stride(1), syh=out.stride(2), syw=out.stride(3),
         swt_c=wt.stride(0), swt_h=wt.stride(1), swt_w=wt.stride(2), sww_c=ww.stride(0), sww_h=ww.stride(1), sww_w=ww.stride(2),
         st_items=0, sw_items=0, KH_T=wt.shape[1], KW_T=wt.shape[2], KH_W=ww.shape[1], KW_W=ww.shape[2], TB_T=1, TB_W=1,

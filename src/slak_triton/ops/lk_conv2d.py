@@ -283,7 +283,7 @@ def fold_branches(
 
 _fwd_autotuned = triton.autotune(
     configs=lk_conv2d_fwd_configs(),
-    key=["C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP"],
+    key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP"],
 )(lk_conv2d_fwd_kernel)
 
 
@@ -325,7 +325,7 @@ def launch_lk_conv2d_fwd(
         x_ptr=x, wt_ptr=wt if wt is not None else dummy, ww_ptr=ww if ww is not None else dummy,
         b_ptr=bias if bias is not None else dummy, y_ptr=out,
         t_items_ptr=t_items, t_count_ptr=t_count, w_items_ptr=w_items, w_count_ptr=w_count,
-        C=C, H=H, W=W,
+        N=N, C=C, H=H, W=W,
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         syn=out.stride(0), syc=out.stride(1), syh=out.stride(2), syw=out.stride(3),
         swt_c=wts[0], swt_h=wts[1], swt_w=wts[2],
@@ -376,7 +376,7 @@ def _dw_tuner(slots: dict):
     if key not in _DW_TUNERS:
         configs = [triton.Config(dict(c.kwargs, **_dw_derived(c.kwargs, slots)), num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in lk_conv2d_bwd_dw_configs()]
-        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["C", "H", "W", "HAS_BIAS"])(lk_conv2d_bwd_dw_kernel)
+        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["N", "C", "H", "W", "HAS_BIAS"])(lk_conv2d_bwd_dw_kernel)
     return _DW_TUNERS[key]
 
 
