@@ -9,6 +9,7 @@ from . import models
 from .nn import LKConv2d, SparseLKConv, convert_depthwise
 from .ops import LAUNCH_COUNTS, TAPS_PER_BLOCK, block_shape, interpreter_active, lk_conv2d, use_backend
 from .reference import lk_conv2d_reference
+from .sparse import DynamicSparsity, MaskedEMA, load_masked_state_dict
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,8 @@ __all__ = [
     "LKConv2d",
     "convert_depthwise",
     "models",
+    "DynamicSparsity",
+    "MaskedEMA",
+    "load_masked_state_dict",
     "__version__",
 ]
