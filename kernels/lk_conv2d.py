@@ -50,10 +50,14 @@ def lk_conv2d_fwd_configs():
     return configs
 
 
-def lk_conv2d_default_config(H, W):
-    """The one config used where autotuning is off (interpreter, compile-only test): small planes get small tiles."""
-    bh = 16 if H <= 16 else 32
+def lk_conv2d_default_config(H, W, elem_bytes=2):
+    """The one config used where autotuning is off (interpreter, compile-only test): small planes get small tiles.
+    fp32 (tf32x3 splits every operand in three) needs 16-row tiles, 16-row chunks and no software pipelining to stay
+    clear of spills on sm_80 and sm_90 (``python -m slak_triton.ops.compile_check``)."""
     bw = 16 if W <= 16 else 32
+    if elem_bytes >= 4:
+        return {"BH": 16, "BW": bw, "CK": 16, "num_warps": 4, "num_stages": 1}
+    bh = 16 if H <= 16 else 32
     return {"BH": bh, "BW": bw, "CK": 32, "num_warps": 4, "num_stages": 2}
 
 
@@ -280,10 +284,11 @@ def lk_conv2d_bwd_dw_configs():
     ]
 
 
-def lk_conv2d_bwd_dw_default_config(H, W):
+def lk_conv2d_bwd_dw_default_config(H, W, elem_bytes=2):
+    """Untuned weight-gradient config; 32x32 tiles need 8 warps to hold P = dy @ X^T without spills (sm_90)."""
     bh = 16 if H <= 16 else 32
     bw = 16 if W <= 16 else 32
-    return {"BH": bh, "BW": bw, "num_warps": 4, "num_stages": 1}
+    return {"BH": bh, "BW": bw, "num_warps": 8 if bh * bw >= 1024 else 4, "num_stages": 1}
 
 
 def _p2(n):

@@ -56,7 +56,7 @@ class Spec:
 
 def _fwd_spec(dtype, pattern, tall, wide, sparse, flip, bias, H=56, W=56) -> Spec:
     kern = lk_conv2d_fwd_kernel
-    cfg = lk_conv2d_default_config(H, W)
+    cfg = lk_conv2d_default_config(H, W, 4 if dtype == "float32" else 2)
     const = dict(
         KH_T=tall[0], KW_T=tall[1], KH_W=wide[0], KW_W=wide[1],
         TB_T=TAPS_PER_BLOCK if sparse else 1, TB_W=TAPS_PER_BLOCK if sparse else 1,
@@ -74,12 +74,13 @@ def _fwd_spec(dtype, pattern, tall, wide, sparse, flip, bias, H=56, W=56) -> Spe
         else:
             sig[n] = "i32"
     variant = ("flip" if flip else "fwd") + ("-sparse" if sparse else "-dense") + ("-bias" if bias else "")
+    variant += f"-{cfg['BH']}x{cfg['BW']}"
     return Spec("lk_conv2d_fwd_kernel", dtype, pattern, variant, sig, const, cfg["num_warps"], cfg["num_stages"])
 
 
 def _dw_spec(dtype, pattern, tall, wide, bias, H=56, W=56) -> Spec:
     kern = lk_conv2d_bwd_dw_kernel
-    cfg = lk_conv2d_bwd_dw_default_config(H, W)
+    cfg = lk_conv2d_bwd_dw_default_config(H, W, 4 if dtype == "float32" else 2)
     const = dict(KH_T=tall[0], KW_T=tall[1], KH_W=wide[0], KW_W=wide[1], HAS_BIAS=bias, WIDE_IDX=False,
                  DOT_PREC="tf32x3", DOT_UPCAST=False, BH=cfg["BH"], BW=cfg["BW"])
     const.update({k: f(const) for k, f in lk_conv2d_bwd_dw_derived.items()})
@@ -93,19 +94,22 @@ def _dw_spec(dtype, pattern, tall, wide, bias, H=56, W=56) -> Spec:
             sig[n] = "*fp32"
         else:
             sig[n] = "i32"
-    return Spec("lk_conv2d_bwd_dw_kernel", dtype, pattern, "dw" + ("-bias" if bias else ""), sig, const,
+    return Spec("lk_conv2d_bwd_dw_kernel", dtype, pattern, "dw" + ("-bias" if bias else "") + f"-{cfg['BH']}x{cfg['BW']}", sig, const,
                 cfg["num_warps"], cfg["num_stages"])
 
 
 def specializations() -> List[Spec]:
-    """Every (kernel, dtype, slot pattern, variant) the op launches with its default configs."""
+    """Every (kernel, dtype, slot pattern, variant) the op launches with its default configs: 32x32 tiles for
+    planes over 16 pixels, and 16x16 tiles for small planes (SLaK's 7x7 stage, pattern slak13)."""
     specs = []
     for dtype in ("float16", "bfloat16", "float32"):
         for name, tall, wide in SLOT_PATTERNS:
-            for sparse in (False, True):
-                for flip in (False, True):
-                    specs.append(_fwd_spec(dtype, name, tall, wide, sparse, flip, bias=not flip))
-            specs.append(_dw_spec(dtype, name, tall, wide, bias=True))
+            sizes = [(56, 56)] + ([(7, 7)] if name == "slak13" else [])
+            for H, W in sizes:
+                for sparse in (False, True):
+                    for flip in (False, True):
+                        specs.append(_fwd_spec(dtype, name, tall, wide, sparse, flip, bias=not flip, H=H, W=W))
+                specs.append(_dw_spec(dtype, name, tall, wide, bias=True, H=H, W=W))
     return specs
 
 

@@ -343,7 +343,7 @@ def launch_lk_conv2d_fwd(
         grid = lambda meta: (N * C * triton.cdiv(H, meta["BH"]) * triton.cdiv(W, meta["BW"]),)  # noqa: E731
         wrap_triton(_fwd_autotuned)[grid](**args)
     else:
-        cfg = lk_conv2d_default_config(H, W)
+        cfg = lk_conv2d_default_config(H, W, x.element_size())
         grid = (N * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
         wrap_triton(lk_conv2d_fwd_kernel)[grid](**args, **cfg)
     LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] += 1
@@ -427,7 +427,7 @@ def launch_lk_conv2d_bwd_dw(
     if _autotune_enabled():
         wrap_triton(_dw_tuner(slots))[grid](**args)
     else:
-        cfg = lk_conv2d_bwd_dw_default_config(H, W)
+        cfg = lk_conv2d_bwd_dw_default_config(H, W, x.element_size())
         meta = {k: v for k, v in cfg.items() if k in ("BH", "BW")}
         wrap_triton(lk_conv2d_bwd_dw_kernel)[grid](**args, **cfg, **_dw_derived(meta, slots))
     LAUNCH_COUNTS["lk_conv2d_bwd_dw_kernel"] += 1
