@@ -295,15 +295,73 @@ def _p2(n):
     return triton.next_power_of_2(n)
 
 
-#: The weight-gradient kernel's derived meta-parameters (powers of two), for ``triton.heuristics``.
+#: The weight-gradient kernel's derived meta-parameters (powers of two), from the tile, kernel and block sizes.
 lk_conv2d_bwd_dw_derived = {
-    "RT": lambda a: _p2(a["BH"] + a["KH_T"] - 1) if a["KH_T"] else 16,   # input rows per tall tile
+    "RT": lambda a: _p2(a["BH"] + a["KH_T"] - 1) if a["KH_T"] else 16,   # input rows per tall tile (dense)
     "KPT": lambda a: _p2(a["KH_T"]) if a["KH_T"] else 1,                  # padded tall taps
     "KWPT": lambda a: _p2(a["KW_T"]) if a["KW_T"] else 1,
-    "RW": lambda a: _p2(a["BW"] + a["KW_W"] - 1) if a["KW_W"] else 16,   # input columns per wide tile
-    "KPW": lambda a: _p2(a["KW_W"]) if a["KW_W"] else 1,
+    "RW": lambda a: _p2(a["BW"] + a["KW_W"] - 1) if a["KW_W"] else 16,   # input columns per wide tile (dense)
+    "KPW": lambda a: _p2(a["KW_W"]) if a["KW_W"] else 1,                  # padded wide taps
     "KHPW": lambda a: _p2(a["KH_W"]) if a["KH_W"] else 1,
+    "RBT": lambda a: max(16, _p2(a["BH"] + a["TB_T"] - 1)),              # input rows per tall block (sparse)
+    "TBPT": lambda a: _p2(a["TB_T"]),                                     # padded taps per tall block
+    "RBW": lambda a: max(16, _p2(a["BW"] + a["TB_W"] - 1)),
+    "TBPW": lambda a: _p2(a["TB_W"]),
 }
+
+
+@triton.jit
+def _dw_tall_run(
+    acc, dy, x_base, h0, offs_w, ar_h, H, W, sxh, sxw, j, lo, hi,
+    KH: tl.constexpr, KW: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, KWP: tl.constexpr, TP: tl.constexpr,
+    SCATTER: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """Adds the gradient of the tall taps [lo, hi) at column j for one dy tile to ``acc[KP, KWP]``.
+
+    dy: [BH, BW] tile at (h0, offs_w). R: input rows in the window (>= BH + (hi - lo) - 1), TP: padded run length.
+    ``P = dy @ X^T`` ([BH, R]) correlates output row h with window row r; tap lo + t is the diagonal r = h + t.
+    SCATTER: place the TP run values at rows lo..hi of acc (sparse blocks); else lo == 0 and TP == KP."""
+    rows = h0 - KH // 2 + lo + tl.arange(0, R)
+    cols = offs_w + (j - KW // 2)
+    xt = tl.load(
+        x_base + rows[:, None] * sxh + cols[None, :] * sxw,
+        mask=((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :], other=0.0,
+    )
+    if DOT_UPCAST:
+        xt = xt.to(tl.float32)
+    p = tl.dot(dy, tl.trans(xt), input_precision=DOT_PREC)                      # [BH, R]
+    diag = tl.minimum(ar_h[:, None] + tl.arange(0, TP)[None, :], R - 1)
+    g = tl.sum(tl.gather(p, diag, axis=1), axis=0)                              # [TP]
+    if SCATTER:
+        t = lo + tl.arange(0, TP)
+        sel = (tl.arange(0, KP)[:, None] == t[None, :]) & (t < hi)[None, :]
+        g = tl.sum(tl.where(sel, g[None, :], 0.0), axis=1)                      # [KP]
+    return acc + tl.where(tl.arange(0, KWP)[None, :] == j, g[:, None], 0.0)
+
+
+@triton.jit
+def _dw_wide_run(
+    acc, dy, x_base, w0, offs_h, ar_w, H, W, sxh, sxw, i, lo, hi,
+    KH: tl.constexpr, KW: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, KHP: tl.constexpr, TP: tl.constexpr,
+    SCATTER: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """The transpose of ``_dw_tall_run``: wide taps [lo, hi) along W at row i, into ``acc[KHP, KP]``."""
+    cols = w0 - KW // 2 + lo + tl.arange(0, R)
+    rows = offs_h + (i - KH // 2)
+    xw = tl.load(
+        x_base + rows[:, None] * sxh + cols[None, :] * sxw,
+        mask=((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :], other=0.0,
+    )
+    if DOT_UPCAST:
+        xw = xw.to(tl.float32)
+    p = tl.dot(tl.trans(dy), xw, input_precision=DOT_PREC)                      # [BW, R]
+    diag = tl.minimum(ar_w[:, None] + tl.arange(0, TP)[None, :], R - 1)
+    g = tl.sum(tl.gather(p, diag, axis=1), axis=0)                              # [TP]
+    if SCATTER:
+        t = lo + tl.arange(0, TP)
+        sel = (tl.arange(0, KP)[:, None] == t[None, :]) & (t < hi)[None, :]
+        g = tl.sum(tl.where(sel, g[None, :], 0.0), axis=1)                      # [KP]
+    return acc + tl.where(tl.arange(0, KHP)[:, None] == i, g[None, :], 0.0)
 
 
 @triton.jit
@@ -314,18 +372,23 @@ def lk_conv2d_bwd_dw_kernel(
     dwt_ptr,  # [S, C, KH_T, KW_T] fp32 partial tall-slot gradients, one slice per split (contiguous)
     dww_ptr,  # [S, C, KH_W, KW_W] fp32 partial wide-slot gradients (contiguous)
     db_ptr,   # [S, C] fp32 partial bias gradients
+    t_items_ptr, t_count_ptr,  # tall block lists as in lk_conv2d_fwd_kernel (SPARSE_T only)
+    w_items_ptr, w_count_ptr,  # wide block lists (SPARSE_W only)
     # ---- sizes ----
     N, C, H, W,
     n_splits,       # S: the (image, tile) work items are cut into S contiguous ranges, one per program along axis 1
     # ---- strides (elements) ----
     sxn, sxc, sxh, sxw,
     sdn, sdc, sdh, sdw,
+    st_items, sw_items,
     # ---- meta-parameters ----
     KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
+    TB_T: tl.constexpr, TB_W: tl.constexpr, SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, WIDE_IDX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr,
-    # derived by lk_conv2d_bwd_dw_derived (powers of two): input window rows / columns per tile, padded tap counts
+    # derived (lk_conv2d_bwd_dw_derived): window sizes and padded tap counts, all powers of two
     RT: tl.constexpr, KPT: tl.constexpr, KWPT: tl.constexpr, RW: tl.constexpr, KPW: tl.constexpr, KHPW: tl.constexpr,
+    RBT: tl.constexpr, TBPT: tl.constexpr, RBW: tl.constexpr, TBPW: tl.constexpr,
 ):
     """Weight (and bias) gradients of both slots for one channel and one split of the (image, tile) work.
 
@@ -333,9 +396,10 @@ def lk_conv2d_bwd_dw_kernel(
     one fp32 partial; the host reduces the S partials with a fixed-order sum. No atomics.
 
     Tall slot, short-axis column j, one dy tile of BH x BW at (h0, w0): ``P = dy_tile @ X_j^T`` with ``X_j`` the
-    input rows ``h0 - KH_T//2 + [0, RT)`` shifted by ``j - KW_T//2`` columns, so ``P[h, r]`` correlates output row
-    h with input row r; the tap ``k`` gradient is the diagonal sum ``sum_h P[h, h + k]``, read with ``tl.gather``.
-    The wide slot is the transpose (``P = dy_tile^T @ X_i``, diagonals along W).
+    input rows of the window shifted by ``j - KW_T//2`` columns, so ``P[h, r]`` correlates output row h with input
+    row r; the tap gradients are diagonal sums of P, read with ``tl.gather``. The wide slot is the transpose.
+    Dense: one window of all taps per short-axis position. Sparse: one window per active block only (taps of
+    inactive blocks get no work and a zero gradient, which the mask zeroes anyway).
     """
     c = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
@@ -345,6 +409,12 @@ def lk_conv2d_bwd_dw_kernel(
     work_per_prog = tl.cdiv(n_work, n_splits)
     start = s * work_per_prog
     stop = tl.minimum(start + work_per_prog, n_work)
+    if SPARSE_T:
+        NB_T: tl.constexpr = (KH_T + TB_T - 1) // TB_T
+        cnt_t = tl.load(t_count_ptr + c)
+    if SPARSE_W:
+        NB_W: tl.constexpr = (KW_W + TB_W - 1) // TB_W
+        cnt_w = tl.load(w_count_ptr + c)
 
     ar_h = tl.arange(0, BH)
     ar_w = tl.arange(0, BW)
@@ -371,42 +441,31 @@ def lk_conv2d_bwd_dw_kernel(
         if DOT_UPCAST:
             dy = dy.to(tl.float32)
         if KH_T > 0:
-            ar_r = tl.arange(0, RT)
-            rows = h0 - KH_T // 2 + ar_r
-            row_ok = (rows >= 0) & (rows < H)
-            # diagonal selector: tap k of output row h sits at input row h + k of the window
-            diag = ar_h[:, None] + tl.arange(0, KPT)[None, :]
-            diag = tl.minimum(diag, RT - 1)
-            col_id = tl.arange(0, KWPT)[None, :]
-            for j in range(0, KW_T):
-                cols = offs_w + (j - KW_T // 2)
-                xt = tl.load(
-                    x_base + rows[:, None] * sxh + cols[None, :] * sxw,
-                    mask=row_ok[:, None] & ((cols >= 0) & (cols < W))[None, :], other=0.0,
-                )
-                if DOT_UPCAST:
-                    xt = xt.to(tl.float32)
-                p = tl.dot(dy, tl.trans(xt), input_precision=DOT_PREC)       # [BH, RT]
-                g = tl.sum(tl.gather(p, diag, axis=1), axis=0)                # [KPT]
-                acc_t += tl.where(col_id == j, g[:, None], 0.0)
+            if SPARSE_T:
+                for q in range(0, cnt_t):
+                    item = tl.load(t_items_ptr + c * st_items + q)
+                    lo = (item % NB_T) * TB_T
+                    acc_t = _dw_tall_run(acc_t, dy, x_base, h0, offs_w, ar_h, H, W, sxh, sxw, item // NB_T, lo,
+                                         tl.minimum(lo + TB_T, KH_T), KH=KH_T, KW=KW_T, R=RBT, KP=KPT, KWP=KWPT,
+                                         TP=TBPT, SCATTER=True, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+            else:
+                for j in range(0, KW_T):
+                    acc_t = _dw_tall_run(acc_t, dy, x_base, h0, offs_w, ar_h, H, W, sxh, sxw, j, 0, KH_T,
+                                         KH=KH_T, KW=KW_T, R=RT, KP=KPT, KWP=KWPT, TP=KPT, SCATTER=False,
+                                         DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
         if KH_W > 0:
-            ar_c = tl.arange(0, RW)
-            cols_w = w0 - KW_W // 2 + ar_c
-            col_ok = (cols_w >= 0) & (cols_w < W)
-            diag_w = ar_w[:, None] + tl.arange(0, KPW)[None, :]
-            diag_w = tl.minimum(diag_w, RW - 1)
-            row_id = tl.arange(0, KHPW)[:, None]
-            for i in range(0, KH_W):
-                rows_w = offs_h + (i - KH_W // 2)
-                xw = tl.load(
-                    x_base + rows_w[:, None] * sxh + cols_w[None, :] * sxw,
-                    mask=((rows_w >= 0) & (rows_w < H))[:, None] & col_ok[None, :], other=0.0,
-                )
-                if DOT_UPCAST:
-                    xw = xw.to(tl.float32)
-                p = tl.dot(tl.trans(dy), xw, input_precision=DOT_PREC)       # [BW, RW]
-                g = tl.sum(tl.gather(p, diag_w, axis=1), axis=0)              # [KPW]
-                acc_w += tl.where(row_id == i, g[None, :], 0.0)
+            if SPARSE_W:
+                for q in range(0, cnt_w):
+                    item = tl.load(w_items_ptr + c * sw_items + q)
+                    lo = (item % NB_W) * TB_W
+                    acc_w = _dw_wide_run(acc_w, dy, x_base, w0, offs_h, ar_w, H, W, sxh, sxw, item // NB_W, lo,
+                                         tl.minimum(lo + TB_W, KW_W), KH=KH_W, KW=KW_W, R=RBW, KP=KPW, KHP=KHPW,
+                                         TP=TBPW, SCATTER=True, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+            else:
+                for i in range(0, KH_W):
+                    acc_w = _dw_wide_run(acc_w, dy, x_base, w0, offs_h, ar_w, H, W, sxh, sxw, i, 0, KW_W,
+                                         KH=KH_W, KW=KW_W, R=RW, KP=KPW, KHP=KHPW, TP=KPW, SCATTER=False,
+                                         DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
 
     if KH_T > 0:
         kk = tl.arange(0, KPT)[:, None]

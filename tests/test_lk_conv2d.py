@@ -379,6 +379,18 @@ def test_scheduled_block_iterations_equal_active_blocks(density):
     with TritonRan():
         op_mod.launch_lk_conv2d_fwd(x, wt_f, ww_f, None, y, sparse_t=meta_t, sparse_w=meta_w)
     assert_close(y, reference64(x, [wt, ww], None, [mt, mw]), torch.float32, 510, "y")
+    # the weight-gradient kernel: no listed block, no work (zero gradient); listed blocks match autograd
+    dy = torch.randn_like(x)
+    with TritonRan("lk_conv2d_bwd_dw_kernel"):
+        gt0, gw0, _ = op_mod.launch_lk_conv2d_bwd_dw(x, dy, (51, 5), (5, 51), False, sparse_t=zero, sparse_w=zero_w)
+    assert torch.equal(gt0, torch.zeros_like(gt0)) and torch.equal(gw0, torch.zeros_like(gw0))
+    with TritonRan("lk_conv2d_bwd_dw_kernel"):
+        gt, gw, _ = op_mod.launch_lk_conv2d_bwd_dw(x, dy, (51, 5), (5, 51), False, sparse_t=meta_t, sparse_w=meta_w)
+    wd = [wt.double().requires_grad_(True), ww.double().requires_grad_(True)]
+    lk_conv2d_reference(x.double(), wd).backward(dy.double())
+    assert_close(gt * mt[:, 0], wd[0].grad[:, 0] * mt[:, 0], torch.float32, 81, "dW tall (active blocks)")
+    assert_close(gw * mw[:, 0], wd[1].grad[:, 0] * mw[:, 0], torch.float32, 81, "dW wide (active blocks)")
+    assert torch.equal(gt * (1 - mt[:, 0]), torch.zeros_like(gt)), "inactive blocks must get no work (zero)"
 
 
 def test_block_metadata_is_cached_until_the_mask_changes():

@@ -78,10 +78,12 @@ def _fwd_spec(dtype, pattern, tall, wide, sparse, flip, bias, H=56, W=56) -> Spe
     return Spec("lk_conv2d_fwd_kernel", dtype, pattern, variant, sig, const, cfg["num_warps"], cfg["num_stages"])
 
 
-def _dw_spec(dtype, pattern, tall, wide, bias, H=56, W=56) -> Spec:
+def _dw_spec(dtype, pattern, tall, wide, bias, sparse=False, H=56, W=56) -> Spec:
     kern = lk_conv2d_bwd_dw_kernel
     cfg = lk_conv2d_bwd_dw_default_config(H, W, 4 if dtype == "float32" else 2)
-    const = dict(KH_T=tall[0], KW_T=tall[1], KH_W=wide[0], KW_W=wide[1], HAS_BIAS=bias, WIDE_IDX=False,
+    tb = TAPS_PER_BLOCK if sparse else 1
+    const = dict(KH_T=tall[0], KW_T=tall[1], KH_W=wide[0], KW_W=wide[1], TB_T=tb, TB_W=tb,
+                 SPARSE_T=sparse and tall[0] > 0, SPARSE_W=sparse and wide[0] > 0, HAS_BIAS=bias, WIDE_IDX=False,
                  DOT_PREC="tf32x3", DOT_UPCAST=False, BH=cfg["BH"], BW=cfg["BW"])
     const.update({k: f(const) for k, f in lk_conv2d_bwd_dw_derived.items()})
     sig = {}
@@ -90,11 +92,14 @@ def _dw_spec(dtype, pattern, tall, wide, bias, H=56, W=56) -> Spec:
             sig[n] = "constexpr"
         elif n in ("x_ptr", "dy_ptr"):
             sig[n] = "*" + _TL_DTYPE[dtype]
+        elif n.endswith("items_ptr") or n.endswith("count_ptr"):
+            sig[n] = "*i32"
         elif n.endswith("_ptr"):
             sig[n] = "*fp32"
         else:
             sig[n] = "i32"
-    return Spec("lk_conv2d_bwd_dw_kernel", dtype, pattern, "dw" + ("-bias" if bias else "") + f"-{cfg['BH']}x{cfg['BW']}", sig, const,
+    variant = "dw" + ("-sparse" if sparse else "-dense") + ("-bias" if bias else "") + f"-{cfg['BH']}x{cfg['BW']}"
+    return Spec("lk_conv2d_bwd_dw_kernel", dtype, pattern, variant, sig, const,
                 cfg["num_warps"], cfg["num_stages"])
 
 
@@ -109,7 +114,8 @@ def specializations() -> List[Spec]:
                 for sparse in (False, True):
                     for flip in (False, True):
                         specs.append(_fwd_spec(dtype, name, tall, wide, sparse, flip, bias=not flip, H=H, W=W))
-                specs.append(_dw_spec(dtype, name, tall, wide, bias=True, H=H, W=W))
+                for sparse in (False, True):
+                    specs.append(_dw_spec(dtype, name, tall, wide, bias=True, sparse=sparse, H=H, W=W))
     return specs
 
 

@@ -376,7 +376,8 @@ def _dw_tuner(slots: dict):
     if key not in _DW_TUNERS:
         configs = [triton.Config(dict(c.kwargs, **_dw_derived(c.kwargs, slots)), num_warps=c.num_warps,
                                  num_stages=c.num_stages) for c in lk_conv2d_bwd_dw_configs()]
-        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["N", "C", "H", "W", "HAS_BIAS"])(lk_conv2d_bwd_dw_kernel)
+        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T",
+                                                                "SPARSE_W"])(lk_conv2d_bwd_dw_kernel)
     return _DW_TUNERS[key]
 
 
@@ -392,10 +393,14 @@ def launch_lk_conv2d_bwd_dw(
     tall_shape: Optional[Tuple[int, int]],
     wide_shape: Optional[Tuple[int, int]],
     need_bias: bool,
+    *,
+    sparse_t=None,
+    sparse_w=None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launches ``lk_conv2d_bwd_dw_kernel`` and reduces its per-split partials in a fixed order.
 
-    Returns fp32 (d_tall [C, KH_T, KW_T] or None, d_wide [C, KH_W, KW_W] or None, d_bias [C] or None)."""
+    sparse_t / sparse_w: None or the slot's block lists (as for the forward): only active blocks are computed, the
+    taps of inactive blocks get a zero gradient (the mask zeroes them anyway). Returns fp32 (d_tall [C, KH_T, KW_T] or None, d_wide [C, KH_W, KW_W] or None, d_bias [C] or None)."""
     N, C, H, W = x.shape
     KH_T, KW_T = tall_shape if tall_shape is not None else (0, 0)
     KH_W, KW_W = wide_shape if wide_shape is not None else (0, 0)
@@ -412,18 +417,26 @@ def launch_lk_conv2d_bwd_dw(
         return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
                 db.sum(0) if db is not None else None)
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    sparse_t = sparse_t if KH_T else None
+    sparse_w = sparse_w if KH_W else None
+    t_items, t_count, tb_t = sparse_t if sparse_t is not None else (dummy, dummy, 1)
+    w_items, w_count, tb_w = sparse_w if sparse_w is not None else (dummy, dummy, 1)
     args = dict(
         x_ptr=x, dy_ptr=dy, dwt_ptr=dwt if dwt is not None else dummy, dww_ptr=dww if dww is not None else dummy,
         db_ptr=db if db is not None else dummy,
+        t_items_ptr=t_items, t_count_ptr=t_count, w_items_ptr=w_items, w_count_ptr=w_count,
         N=N, C=C, H=H, W=W, n_splits=n_splits,
         sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
         sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
-        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, HAS_BIAS=need_bias,
+        st_items=t_items.stride(0) if sparse_t is not None else 0,
+        sw_items=w_items.stride(0) if sparse_w is not None else 0,
+        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w,
+        SPARSE_T=sparse_t is not None, SPARSE_W=sparse_w is not None, HAS_BIAS=need_bias,
         WIDE_IDX=_needs_wide_idx(x) or _needs_wide_idx(dy),
         DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
     )
     grid = (C, n_splits)
-    slots = dict(KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W)
+    slots = dict(KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w)
     if _autotune_enabled():
         wrap_triton(_dw_tuner(slots))[grid](**args)
     else:
@@ -547,14 +560,27 @@ def lk_conv2d_fwd_op(
 
 @triton_op("slak_triton::lk_conv2d_bwd_dw", mutates_args={})
 def lk_conv2d_bwd_dw_op(
-    x: torch.Tensor, dy: torch.Tensor, kh_t: int, kw_t: int, kh_w: int, kw_w: int, need_bias: bool,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    kh_t: int,
+    kw_t: int,
+    kh_w: int,
+    kw_w: int,
+    need_bias: bool,
+    t_items: Optional[torch.Tensor] = None,
+    t_count: Optional[torch.Tensor] = None,
+    w_items: Optional[torch.Tensor] = None,
+    w_count: Optional[torch.Tensor] = None,
+    taps_per_block: int = TAPS_PER_BLOCK,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.slak_triton.lk_conv2d_bwd_dw``: fp32 gradients (tall [C, kh_t, kw_t], wide [C, kh_w, kw_w],
     bias [C]) of ``lk_conv2d_fwd`` for forward input ``x`` and output gradient ``dy``; a slot or bias that is not
-    asked for (size 0) comes back with zero elements. Deterministic."""
+    asked for (size 0) comes back with zero elements. With block lists, only active blocks are computed (inactive
+    taps get 0). Deterministic."""
     C = x.shape[1]
     gt, gw, gb = launch_lk_conv2d_bwd_dw(x, dy, (kh_t, kw_t) if kh_t else None, (kh_w, kw_w) if kh_w else None,
-                                         need_bias)
+                                         need_bias, sparse_t=_meta(t_items, t_count, taps_per_block),
+                                         sparse_w=_meta(w_items, w_count, taps_per_block))
     empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
     return (gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
             gb if gb is not None else empty(0))
@@ -587,7 +613,8 @@ def _fwd_backward(ctx, dy):
         kt = tuple(wt.shape[1:]) if (wt is not None and need_t) else (0, 0)
         kw = tuple(ww.shape[1:]) if (ww is not None and need_w) else (0, 0)
         gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1],
-                                                            bool(need_b and ctx.has_bias))
+                                                            bool(need_b and ctx.has_bias), t_items, t_count,
+                                                            w_items, w_count, ctx.taps_per_block)
         dwt = gt.to(wt.dtype) if kt[0] else None
         dww = gw.to(ww.dtype) if kw[0] else None
         db = gb.to(x.dtype) if (need_b and ctx.has_bias) else None
