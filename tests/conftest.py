@@ -45,3 +45,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64 on the CPU (shared by the module and model tests)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def gen():
+    """A CPU generator with a fresh random seed per test (fresh data, reproducible from the printed seed)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import rel_err
 
 import slak_triton
 from slak_triton.models import (
@@ -134,25 +135,6 @@ def official_forward(sd, x, cfg):
             x = x + (sd[p + "gamma"] * t).permute(0, 3, 1, 2)
     x = F.layer_norm(x.mean((-2, -1)), (x.shape[1],), sd["norm.weight"], sd["norm.bias"], 1e-6)
     return F.linear(x, sd["head.weight"], sd["head.bias"])
-
-
-def rel_err(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only contend (100x slower on a loaded 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import rel_err
 
 import slak_triton
 import slak_triton.nn as stnn
@@ -52,26 +53,6 @@ def reference_forward(m: SparseLKConv, x: torch.Tensor, training: bool = False) 
     if m.bias is not None:
         y = y + m.bias.detach().double().view(1, -1, 1, 1)
     return y
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only contend (100x slower on a loaded 2-core machine). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def gen():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
-    return g
 
 
 # ----------------------------------------------------------------------------------------------------------------
