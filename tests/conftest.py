@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # "ci": the interpreter is ~1000x slower than a GPU, so small shapes and few examples.
 # "gpu": full-size shapes and many examples, selected automatically on a CUDA machine.
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=False, print_blob=True,
+    "ci", max_examples=30, deadline=None, derandomize=False, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

@@ -257,7 +257,7 @@ def test_large_offsets_use_64bit_indexing(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 @given(p=problems())
-@settings(max_examples=8 if not ON_GPU else 100)
+@settings(max_examples=16 if not ON_GPU else 100)
 def test_backward_matches_autograd_float64(p):
     x, ws, b, ms = build(p, requires_grad=True)
     y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
