@@ -36,17 +36,23 @@ def lk_conv2d_fwd_configs():
     """
     # Measured on H100 (bench/NOTES.md, run 1): 64x64x16 best on 56x56 planes, 32x32x16 on 28x28, 16x16 on 7x7;
     # CK=32 and num_stages=3 never won by more than noise, so they are left out to keep autotuning short.
+    # NB > 1 (several images per program, sharing each gathered Toeplitz tile) is untimed so far: predicted to cut
+    # the weight-gather instructions per output by NB (bench/NOTES.md); the autotuner decides.
     configs = []
-    for bh, bw, ck, warps in [
-        (16, 16, 16, 1),
-        (16, 32, 16, 2),
-        (32, 32, 16, 4),
-        (32, 64, 16, 4),
-        (64, 32, 16, 4),
-        (64, 64, 16, 4),
-        (64, 64, 32, 8),
+    for bh, bw, ck, nb, warps in [
+        (16, 16, 16, 1, 1),
+        (16, 32, 16, 1, 2),
+        (32, 32, 16, 1, 4),
+        (32, 64, 16, 1, 4),
+        (64, 32, 16, 1, 4),
+        (64, 64, 16, 1, 4),
+        (64, 64, 32, 1, 8),
+        (16, 16, 16, 4, 4),
+        (16, 32, 16, 2, 4),
+        (32, 32, 16, 2, 4),
+        (64, 64, 16, 2, 8),
     ]:
-        configs.append(triton.Config({"BH": bh, "BW": bw, "CK": ck}, num_warps=warps, num_stages=2))
+        configs.append(triton.Config({"BH": bh, "BW": bw, "CK": ck, "NB": nb}, num_warps=warps, num_stages=2))
     return configs
 
 
@@ -58,46 +64,43 @@ def lk_conv2d_default_config(H, W, elem_bytes=2):
     if elem_bytes >= 4:
         return {"BH": 16, "BW": bw, "CK": 16, "num_warps": 4, "num_stages": 1}
     bh = 16 if H <= 16 else 32
-    return {"BH": bh, "BW": bw, "CK": 32, "num_warps": 4, "num_stages": 2}
+    return {"BH": bh, "BW": bw, "CK": 16, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
 def _tall_run(
-    acc, x_base, w_c_ptr, h0, w0, offs_h, offs_w, rr_row, rr_col,
+    acc, x_c, w_c_ptr, h0, ar_h, wcol, nofs, n_ok, rr,
     H, W, sxh, sxw, swh, sww,
     j, lo, hi,
     KH: tl.constexpr, KW: tl.constexpr, RUN: tl.constexpr, FLIP: tl.constexpr,
     BH: tl.constexpr, CK: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Adds the tall slot's taps ``[lo, hi)`` (of the possibly flipped kernel) at column ``j`` to ``acc[BH, BW]``.
+    """Adds the tall slot's taps ``[lo, hi)`` (of the possibly flipped kernel) at column ``j`` to ``acc``.
 
-    acc:     [BH, BW] fp32 accumulator.
-    x_base:  pointer to x[n, c, 0, 0].
+    acc:     [BH, NB*BW] fp32 accumulator: NB images side by side along the columns.
+    x_c:     pointer to x[n0, c, 0, 0] (n0: the program's first image).
     w_c_ptr: pointer to the stored (unflipped) weights of channel c, [KH, KW] with strides (swh, sww).
-    offs_h:  [BH] output rows; offs_w: [BW] output columns.
-    rr_row:  arange(CK) laid out as rows of X; rr_col: arange(CK) laid out as columns of T.
+    h0:      the tile's first output row; ar_h: arange(BH).
+    wcol:    [NB*BW] output column of each accumulator column; nofs: its image's offset from x_c (or 0);
+    n_ok:    [NB*BW] the column's image exists (n < N). rr: arange(CK).
     RUN:     the longest run any item can have (KH when dense, the block length when sparse).
     """
     # Input columns used by short-axis position j; zero padding by masking.
-    cols = offs_w + (j - KW // 2)
-    col_ok = (cols >= 0) & (cols < W)
+    cols = wcol + (j - KW // 2)
+    col_ok = (cols >= 0) & (cols < W) & n_ok
+    col_off = nofs + cols * sxw
     # Stored column index of the tap (the flipped kernel reads the mirrored column).
     if FLIP:
         j_st = KW - 1 - j
     else:
         j_st = j
-    # A run of RUN taps for BH output rows touches BH + RUN - 1 input rows.
+    # A run of RUN taps for BH output rows touches BH + RUN - 1 input rows, read CK rows per dot.
     for q in range(0, tl.cdiv(BH + RUN - 1, CK)):
-        # Input rows of this chunk: h0 - KH//2 + lo + q*CK + [0, CK).
-        rows = h0 + (lo - KH // 2 + q * CK) + rr_row
+        rows = h0 + (lo - KH // 2 + q * CK) + rr
         row_ok = (rows >= 0) & (rows < H)
-        xt = tl.load(
-            x_base + rows[:, None] * sxh + cols[None, :] * sxw,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        xt = tl.load(x_c + rows[:, None] * sxh + col_off[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         # T[h, r]: tap index k = lo + q*CK + r - h of the (flipped) kernel, kept only inside [lo, hi).
-        k = (lo + q * CK) + rr_col[None, :] - (offs_h - h0)[:, None]
+        k = (lo + q * CK) + rr[None, :] - ar_h[:, None]
         k_ok = (k >= lo) & (k < hi)
         if FLIP:
             k_st = KH - 1 - k
@@ -113,30 +116,27 @@ def _tall_run(
 
 @triton.jit
 def _wide_run(
-    acc, x_base, w_c_ptr, h0, w0, offs_h, offs_w, rr_row, rr_col,
+    acc, x_c, w_c_ptr, w0, ar_w, hrow, nofs, n_ok, rr,
     H, W, sxh, sxw, swh, sww,
     i, lo, hi,
     KH: tl.constexpr, KW: tl.constexpr, RUN: tl.constexpr, FLIP: tl.constexpr,
     BW: tl.constexpr, CK: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Adds the wide slot's taps ``[lo, hi)`` (along W) at row ``i`` to ``acc[BH, BW]``: the transpose of
-    ``_tall_run``. ``rr_row`` is arange(CK) laid out as rows of U, ``rr_col`` as columns of X."""
-    rows = offs_h + (i - KH // 2)
-    row_ok = (rows >= 0) & (rows < H)
+    """The transpose of ``_tall_run``: the wide slot's taps ``[lo, hi)`` along W at row ``i``, added to
+    ``acc[NB*BH, BW]`` (NB images stacked along the rows; hrow / nofs / n_ok describe each accumulator row)."""
+    rows = hrow + (i - KH // 2)
+    row_ok = (rows >= 0) & (rows < H) & n_ok
+    row_off = nofs + rows * sxh
     if FLIP:
         i_st = KH - 1 - i
     else:
         i_st = i
     for q in range(0, tl.cdiv(BW + RUN - 1, CK)):
-        cols = w0 + (lo - KW // 2 + q * CK) + rr_col
+        cols = w0 + (lo - KW // 2 + q * CK) + rr
         col_ok = (cols >= 0) & (cols < W)
-        xt = tl.load(
-            x_base + rows[:, None] * sxh + cols[None, :] * sxw,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        xt = tl.load(x_c + row_off[:, None] + cols[None, :] * sxw, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         # U[r, w]: tap k = lo + q*CK + r - w along W.
-        k = (lo + q * CK) + rr_row[:, None] - (offs_w - w0)[None, :]
+        k = (lo + q * CK) + rr[:, None] - ar_w[None, :]
         k_ok = (k >= lo) & (k < hi)
         if FLIP:
             k_st = KW - 1 - k
@@ -163,7 +163,7 @@ def lk_conv2d_fwd_kernel(
     w_items_ptr,  # [C, n_items_w] int32 active wide blocks per channel, item = row * NB_W + block (SPARSE_W only)
     w_count_ptr,  # [C] int32 (SPARSE_W only)
     # ---- sizes ----
-    N, C, H, W,   # N only keys the autotuner (the grid covers the batch)
+    N, C, H, W,
     # ---- strides (elements) ----
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
@@ -182,34 +182,56 @@ def lk_conv2d_fwd_kernel(
     DOT_UPCAST: tl.constexpr, # dot in fp32: set only under the interpreter for bf16, whose tl.dot (triton <= 3.8)
                               # multiplies the raw uint16 bit patterns; bf16 x bf16 products are exact in fp32
     BH: tl.constexpr, BW: tl.constexpr, CK: tl.constexpr,
+    NB: tl.constexpr = 1,     # images per program: they share every gathered Toeplitz tile (fewer gathers/output)
 ):
-    """One program computes one BH x BW output tile of one (n, c) plane: y = sum of slots (+ bias).
+    """One program computes one BH x BW output tile of one channel for NB consecutive images:
+    y = sum of slots (+ bias).
 
-    Grid: (N * C * cdiv(H, BH) * cdiv(W, BW),), the tiles of one plane adjacent so that they share its input in L2.
+    Grid: (cdiv(N, NB) * C * cdiv(H, BH) * cdiv(W, BW),), the tiles of one plane adjacent so that they share its
+    input in L2. The tall slot accumulates [BH, NB*BW] (images side by side: one Toeplitz tile T serves all NB
+    images in one wider dot), the wide slot [NB*BH, BW] (images stacked), combined once at the end.
     """
     tiles_w = tl.cdiv(W, BW)
     tiles_hw = tl.cdiv(H, BH) * tiles_w
-    pid = tl.program_id(0).to(tl.int64)
+    # Index arithmetic in int32 (the grid is < 2**31 programs; 64-bit division is a slow subroutine call);
+    # pointer offsets of images and channels in int64.
+    pid = tl.program_id(0)
     tile = pid % tiles_hw
-    nc = pid // tiles_hw
-    c = nc % C
-    n = nc // C
+    rest = pid // tiles_hw
+    c = (rest % C).to(tl.int64)
+    n0 = ((rest // C) * NB).to(tl.int64)
     th = tile // tiles_w
     tw = tile % tiles_w
 
     h0 = th * BH
     w0 = tw * BW
-    if not WIDE_IDX:
-        h0 = h0.to(tl.int32)
-        w0 = w0.to(tl.int32)
-    offs_h = h0 + tl.arange(0, BH)
-    offs_w = w0 + tl.arange(0, BW)
+    if WIDE_IDX:
+        h0 = h0.to(tl.int64)
+        w0 = w0.to(tl.int64)
+    ar_h = tl.arange(0, BH)
+    ar_w = tl.arange(0, BW)
     rr = tl.arange(0, CK)
     if WIDE_IDX:
         rr = rr.to(tl.int64)
 
-    x_base = x_ptr + n * sxn + c * sxc
-    acc = tl.zeros((BH, BW), dtype=tl.float32)
+    # Tall layout: column cc of the accumulator = image cc // BW, output column w0 + cc % BW.
+    cc = tl.arange(0, NB * BW)
+    wcol = w0 + cc % BW
+    n_ok_c = (n0 + cc // BW) < N
+    # Wide layout: row rq = image rq // BH, output row h0 + rq % BH.
+    rq = tl.arange(0, NB * BH)
+    hrow = h0 + rq % BH
+    n_ok_r = (n0 + rq // BH) < N
+    if NB == 1:
+        nofs_c = 0
+        nofs_r = 0
+    else:
+        nofs_c = (cc // BW).to(tl.int64) * sxn
+        nofs_r = (rq // BH).to(tl.int64) * sxn
+
+    x_c = x_ptr + n0 * sxn + c * sxc
+    acc_t = tl.zeros((BH, NB * BW), dtype=tl.float32)
+    acc_w = tl.zeros((NB * BH, BW), dtype=tl.float32)
 
     if KH_T > 0:
         wt_c = wt_ptr + c * swt_c
@@ -230,14 +252,14 @@ def lk_conv2d_fwd_kernel(
                     lo = lo_st
                     hi = hi_st
                     j = jj
-                acc = _tall_run(acc, x_base, wt_c, h0, w0, offs_h, offs_w, rr, rr, H, W, sxh, sxw, swt_h, swt_w,
-                                j, lo, hi, KH=KH_T, KW=KW_T, RUN=TB_T, FLIP=FLIP, BH=BH, CK=CK,
-                                DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+                acc_t = _tall_run(acc_t, x_c, wt_c, h0, ar_h, wcol, nofs_c, n_ok_c, rr, H, W, sxh, sxw, swt_h,
+                                  swt_w, j, lo, hi, KH=KH_T, KW=KW_T, RUN=TB_T, FLIP=FLIP, BH=BH, CK=CK,
+                                  DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
         else:
             for j in range(0, KW_T):
-                acc = _tall_run(acc, x_base, wt_c, h0, w0, offs_h, offs_w, rr, rr, H, W, sxh, sxw, swt_h, swt_w,
-                                j, 0, KH_T, KH=KH_T, KW=KW_T, RUN=KH_T, FLIP=FLIP, BH=BH, CK=CK,
-                                DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+                acc_t = _tall_run(acc_t, x_c, wt_c, h0, ar_h, wcol, nofs_c, n_ok_c, rr, H, W, sxh, sxw, swt_h,
+                                  swt_w, j, 0, KH_T, KH=KH_T, KW=KW_T, RUN=KH_T, FLIP=FLIP, BH=BH, CK=CK,
+                                  DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
 
     if KH_W > 0:
         ww_c = ww_ptr + c * sww_c
@@ -258,20 +280,31 @@ def lk_conv2d_fwd_kernel(
                     lo = lo_st
                     hi = hi_st
                     i = ii
-                acc = _wide_run(acc, x_base, ww_c, h0, w0, offs_h, offs_w, rr, rr, H, W, sxh, sxw, sww_h, sww_w,
-                                i, lo, hi, KH=KH_W, KW=KW_W, RUN=TB_W, FLIP=FLIP, BW=BW, CK=CK,
-                                DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+                acc_w = _wide_run(acc_w, x_c, ww_c, w0, ar_w, hrow, nofs_r, n_ok_r, rr, H, W, sxh, sxw, sww_h,
+                                  sww_w, i, lo, hi, KH=KH_W, KW=KW_W, RUN=TB_W, FLIP=FLIP, BW=BW, CK=CK,
+                                  DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
         else:
             for i in range(0, KH_W):
-                acc = _wide_run(acc, x_base, ww_c, h0, w0, offs_h, offs_w, rr, rr, H, W, sxh, sxw, sww_h, sww_w,
-                                i, 0, KW_W, KH=KH_W, KW=KW_W, RUN=KW_W, FLIP=FLIP, BW=BW, CK=CK,
-                                DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+                acc_w = _wide_run(acc_w, x_c, ww_c, w0, ar_w, hrow, nofs_r, n_ok_r, rr, H, W, sxh, sxw, sww_h,
+                                  sww_w, i, 0, KW_W, KH=KH_W, KW=KW_W, RUN=KW_W, FLIP=FLIP, BW=BW, CK=CK,
+                                  DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST)
+
+    # Bring the wide accumulator to the tall layout ([NB*BH, BW] -> [BH, NB*BW]) once per tile.
+    if NB == 1:
+        acc = acc_t + acc_w
+    else:
+        acc = acc_t + tl.reshape(tl.permute(tl.reshape(acc_w, (NB, BH, BW)), (1, 0, 2)), (BH, NB * BW))
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
 
-    out_ok = (offs_h < H)[:, None] & (offs_w < W)[None, :]
-    y_ptrs = y_ptr + n * syn + c * syc + offs_h[:, None] * syh + offs_w[None, :] * syw
+    offs_h = h0 + ar_h
+    out_ok = (offs_h < H)[:, None] & ((wcol < W) & n_ok_c)[None, :]
+    if NB == 1:
+        ynofs = 0
+    else:
+        ynofs = (cc // BW).to(tl.int64) * syn
+    y_ptrs = y_ptr + n0 * syn + c * syc + offs_h[:, None] * syh + (ynofs + wcol * syw)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -279,15 +312,20 @@ def lk_conv2d_bwd_dw_configs():
     """Autotune candidates for the weight-gradient kernel: BH x BW is the dy tile consumed per step."""
     return [
         triton.Config({"BH": bh, "BW": bw}, num_warps=w, num_stages=s)
-        for bh, bw, w in [(16, 16, 2), (16, 32, 4), (32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 64, 8)]
+        # P = dy @ X^T is a [BH, pow2(BH + K - 1)] fp32 tile: wide windows need many warps to stay in registers
+        # (compile-only check: 4 warps spill at 32x32 and up)
+        for bh, bw, w in [(16, 16, 4), (16, 32, 4), (32, 32, 8), (32, 64, 8), (64, 32, 8), (64, 64, 16)]
         for s in (1,)
     ]
 
 
 def lk_conv2d_bwd_dw_default_config(H, W, elem_bytes=2):
-    """Untuned weight-gradient config; 32x32 tiles need 8 warps to hold P = dy @ X^T without spills (sm_90)."""
+    """Untuned weight-gradient config. P = dy @ X^T must stay in registers: 32x32 tiles need 8 warps (16 for fp32,
+    whose tf32x3 split triples the operands), fp32 16x16 tiles 2 warps (compile-only check, sm_80 and sm_90)."""
     bh = 16 if H <= 16 else 32
     bw = 16 if W <= 16 else 32
+    if elem_bytes >= 4:
+        return {"BH": bh, "BW": bw, "num_warps": 16 if bh * bw >= 1024 else 2, "num_stages": 1}
     return {"BH": bh, "BW": bw, "num_warps": 8 if bh * bw >= 1024 else 4, "num_stages": 1}
 
 
@@ -401,8 +439,10 @@ def lk_conv2d_bwd_dw_kernel(
     Dense: one window of all taps per short-axis position. Sparse: one window per active block only (taps of
     inactive blocks get no work and a zero gradient, which the mask zeroes anyway).
     """
+    # Work-item arithmetic in int32 (N * tiles < 2**31; 64-bit division is a slow subroutine call); pointer
+    # offsets of images and channels in int64.
     c = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(1)
     tiles_w = tl.cdiv(W, BW)
     tiles_hw = tl.cdiv(H, BH) * tiles_w
     n_work = N * tiles_hw
@@ -422,13 +462,13 @@ def lk_conv2d_bwd_dw_kernel(
     acc_w = tl.zeros((KHPW, KPW), dtype=tl.float32)
     acc_b = tl.zeros((BH, BW), dtype=tl.float32)
     for it in range(start, stop):
-        n = it // tiles_hw
+        n = (it // tiles_hw).to(tl.int64)
         tile = it % tiles_hw
         h0 = (tile // tiles_w) * BH
         w0 = (tile % tiles_w) * BW
-        if not WIDE_IDX:
-            h0 = h0.to(tl.int32)
-            w0 = w0.to(tl.int32)
+        if WIDE_IDX:
+            h0 = h0.to(tl.int64)
+            w0 = w0.to(tl.int64)
         offs_h = h0 + ar_h
         offs_w = w0 + ar_w
         x_base = x_ptr + n * sxn + c * sxc
@@ -470,10 +510,10 @@ def lk_conv2d_bwd_dw_kernel(
     if KH_T > 0:
         kk = tl.arange(0, KPT)[:, None]
         jj = tl.arange(0, KWPT)[None, :]
-        tl.store(dwt_ptr + ((s * C + c) * KH_T + kk) * KW_T + jj, acc_t, mask=(kk < KH_T) & (jj < KW_T))
+        tl.store(dwt_ptr + ((s.to(tl.int64) * C + c) * KH_T + kk) * KW_T + jj, acc_t, mask=(kk < KH_T) & (jj < KW_T))
     if KH_W > 0:
         ii = tl.arange(0, KHPW)[:, None]
         kk2 = tl.arange(0, KPW)[None, :]
-        tl.store(dww_ptr + ((s * C + c) * KH_W + ii) * KW_W + kk2, acc_w, mask=(ii < KH_W) & (kk2 < KW_W))
+        tl.store(dww_ptr + ((s.to(tl.int64) * C + c) * KH_W + ii) * KW_W + kk2, acc_w, mask=(ii < KH_W) & (kk2 < KW_W))
     if HAS_BIAS:
-        tl.store(db_ptr + s * C + c, tl.sum(tl.sum(acc_b, axis=1), axis=0))
+        tl.store(db_ptr + s.to(tl.int64) * C + c, tl.sum(tl.sum(acc_b, axis=1), axis=0))

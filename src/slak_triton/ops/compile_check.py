@@ -23,13 +23,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from slak_triton.kernels.lk_conv2d import (
+    lk_conv2d_bwd_dw_configs,
     lk_conv2d_bwd_dw_default_config,
     lk_conv2d_bwd_dw_derived,
     lk_conv2d_bwd_dw_kernel,
     lk_conv2d_default_config,
+    lk_conv2d_fwd_configs,
     lk_conv2d_fwd_kernel,
 )
 from slak_triton.ops.lk_conv2d import TAPS_PER_BLOCK
+
+#: Stack bytes tolerated without calling it a spill (see main()).
+MINOR_STACK_BYTES = 8
 
 _TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -62,6 +67,7 @@ def _fwd_spec(dtype, pattern, tall, wide, sparse, flip, bias, H=56, W=56) -> Spe
         TB_T=TAPS_PER_BLOCK if sparse else 1, TB_W=TAPS_PER_BLOCK if sparse else 1,
         SPARSE_T=sparse and tall[0] > 0, SPARSE_W=sparse and wide[0] > 0, HAS_BIAS=bias, FLIP=flip,
         WIDE_IDX=False, DOT_PREC="tf32x3", DOT_UPCAST=False, BH=cfg["BH"], BW=cfg["BW"], CK=cfg["CK"],
+        NB=cfg.get("NB", 1),
     )
     sig = {}
     for n in kern.arg_names:
@@ -119,6 +125,28 @@ def specializations() -> List[Spec]:
     return specs
 
 
+def autotune_specializations() -> List[Spec]:
+    """Every autotune config of both kernels at SLaK's stage-1 pattern (dense forward and dW), per dtype: the
+    autotuner may launch any of them on a GPU, so each must compile (spills are reported, not fatal: the autotuner
+    times them)."""
+    specs = []
+    for dtype in ("float16", "bfloat16", "float32"):
+        for cfg in lk_conv2d_fwd_configs():
+            s = _fwd_spec(dtype, "slak51", (51, 5), (5, 51), sparse=False, flip=False, bias=True)
+            s.constexprs.update(cfg.kwargs)
+            s.num_warps, s.num_stages = cfg.num_warps, cfg.num_stages
+            s.variant = "autotune-" + "-".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + f"-w{cfg.num_warps}"
+            specs.append(s)
+        for cfg in lk_conv2d_bwd_dw_configs():
+            s = _dw_spec(dtype, "slak51", (51, 5), (5, 51), bias=True)
+            s.constexprs.update(cfg.kwargs)
+            s.constexprs.update({k: f(s.constexprs) for k, f in lk_conv2d_bwd_dw_derived.items()})
+            s.num_warps, s.num_stages = cfg.num_warps, cfg.num_stages
+            s.variant = "autotune-" + "-".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + f"-w{cfg.num_warps}"
+            specs.append(s)
+    return specs
+
+
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -140,7 +168,7 @@ def compile_spec(spec: Spec, arch: int, sass: bool = False) -> Dict[str, object]
         if sass:
             text = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True).stdout
             mix = {}
-            for op in ("HGMMA", "HMMA", "FFMA", "LDG", "STG", "LDS", "STS", "LDSM", "LDL", "STL"):
+            for op in ("HGMMA", "HMMA", "FFMA", "LDG", "LDGSTS", "STG", "LDS", "STS", "LDSM", "LDL", "STL"):
                 mix[op] = len(re.findall(r"\b" + op + r"\b", text))
             out["sass"] = mix
     return out
@@ -151,12 +179,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     ap.add_argument("--sass", action="store_true", help="also count matrix/FMA/load instructions")
     ap.add_argument("--filter", default="", help="substring of 'kernel dtype pattern variant' to select")
+    ap.add_argument("--autotune-configs", action="store_true",
+                    help="compile every autotune config (stage-1 pattern) instead of the default specializations; "
+                         "spills are reported but only compile failures fail")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (kernels must be compiled, not interpreted)", file=sys.stderr)
         return 2
     bad = 0
-    for spec in specializations():
+    for spec in (autotune_specializations() if args.autotune_configs else specializations()):
         label = f"{spec.kernel} {spec.dtype} {spec.pattern} {spec.variant}"
         if args.filter not in label:
             continue
@@ -167,9 +198,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bad += 1
                 print(f"FAIL sm_{arch} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
                 continue
-            spill = r["local"] > 0 or r["stack"] > 0
-            bad += spill
-            print(f"{'SPILL' if spill else 'ok'} sm_{arch} {label}: regs={r['registers']} local={r['local']} "
+            # One 8-byte slot (a single register parked across a loop by ptxas, seen at 64-80 registers, i.e. not
+            # register pressure) is reported as "minor"; any larger frame or local array is a spill and fails.
+            spill = r["local"] > 0 or r["stack"] > MINOR_STACK_BYTES
+            minor = not spill and r["stack"] > 0
+            bad += spill and not args.autotune_configs
+            status = "SPILL" if spill else ("minor" if minor else "ok")
+            print(f"{status} sm_{arch} {label}: regs={r['registers']} local={r['local']} "
                   f"stack={r['stack']} shared={r['shared']}" + (f" sass={r['sass']}" if "sass" in r else ""),
                   flush=True)
     return 1 if bad else 0

@@ -304,12 +304,15 @@ def launch_lk_conv2d_fwd(
     flip: bool = False,
     sparse_t=None,
     sparse_w=None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
     """Launches ``lk_conv2d_fwd_kernel``: ``out = conv(x, tall) + conv(x, wide) (+ bias)``.
 
     x, out: [N, C, H, W] of one dtype, any strides; wt: [C, KH_T, KW_T] or None; ww: [C, KH_W, KW_W] or None;
     bias: [C] or None. ``flip`` correlates with the kernels rotated by 180 degrees (the input gradient).
     sparse_t / sparse_w: None (dense) or (items [C, n] int32, counts [C] int32, taps_per_block) block lists.
+    config: an explicit {BH, BW, CK, NB, num_warps, num_stages} (tests, tuning); default: autotuned on CUDA, the
+    default config elsewhere.
     """
     N, C, H, W = x.shape
     if N == 0 or _tracing_only(x):
@@ -339,12 +342,13 @@ def launch_lk_conv2d_fwd(
         DOT_PREC=fp32_precision(),
         DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
     )
-    if _autotune_enabled():
-        grid = lambda meta: (N * C * triton.cdiv(H, meta["BH"]) * triton.cdiv(W, meta["BW"]),)  # noqa: E731
+    if config is None and _autotune_enabled():
+        grid = lambda meta: (  # noqa: E731
+            triton.cdiv(N, meta.get("NB", 1)) * C * triton.cdiv(H, meta["BH"]) * triton.cdiv(W, meta["BW"]),)
         wrap_triton(_fwd_autotuned)[grid](**args)
     else:
-        cfg = lk_conv2d_default_config(H, W, x.element_size())
-        grid = (N * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
+        cfg = dict(config) if config is not None else lk_conv2d_default_config(H, W, x.element_size())
+        grid = (triton.cdiv(N, cfg.get("NB", 1)) * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
         wrap_triton(lk_conv2d_fwd_kernel)[grid](**args, **cfg)
     LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] += 1
     return out
