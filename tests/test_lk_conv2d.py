@@ -257,7 +257,7 @@ def test_large_offsets_use_64bit_indexing(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 @given(p=problems())
-@settings(max_examples=16 if not ON_GPU else 100)
+@settings(max_examples=16 if not ON_GPU else 25)
 def test_backward_matches_autograd_float64(p):
     x, ws, b, ms = build(p, requires_grad=True)
     y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
@@ -502,6 +502,24 @@ def test_every_specialization_compiles_for_sm90_and_sm80():
 # ----------------------------------------------------------------------------------------------------------------
 # GPU tier
 # ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_property_forward():
+    """The forward property test at GPU sizes (the "gpu" hypothesis profile: H, W <= 64, kernels <= 63)."""
+    test_forward_matches_conv2d_float64()
+
+
+@pytest.mark.gpu
+def test_gpu_property_backward():
+    test_backward_matches_autograd_float64()
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_and_compile():
+    """Full opcheck (AOT dispatch included) and torch.compile of the compiled kernels."""
+    test_opcheck()
+    test_compile_fullgraph_matches_eager()
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
