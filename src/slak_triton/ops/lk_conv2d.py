@@ -12,6 +12,7 @@ ops, so each branch's weight gradient is the matching slice of its slot's gradie
 
 import collections
 import contextlib
+import functools
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -244,6 +245,28 @@ def _resolve_backend(x: torch.Tensor, backend: str) -> str:
 # branch folding
 # --------------------------------------------------------------------------------------------------------------
 
+def _is_tall(w: torch.Tensor) -> bool:
+    """Slot of a [C, 1, kh, kw] branch: tall (long axis H) when kh >= kw, else wide."""
+    return w.shape[2] >= w.shape[3]
+
+
+def _slot_branches(weights, masks, tall: bool) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    return [(w, m) for w, m in zip(weights, masks) if _is_tall(w) == tall]
+
+
+def _centre_combine(parts: List[torch.Tensor], combine) -> torch.Tensor:
+    """Zero-pads each [C, kh, kw] part, centred, to the parts' (max kh, max kw) and folds them with ``combine``
+    (a sum for weights, a union for masks). Exact for 'same'-padded branches."""
+    KH = max(t.shape[1] for t in parts)
+    KW = max(t.shape[2] for t in parts)
+    out = None
+    for t in parts:
+        ph, pw = (KH - t.shape[1]) // 2, (KW - t.shape[2]) // 2
+        tp = torch.nn.functional.pad(t, (pw, pw, ph, ph)) if ph or pw else t
+        out = tp if out is None else combine(out, tp)
+    return out
+
+
 def fold_branches(
     weights: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -251,29 +274,11 @@ def fold_branches(
 
     A branch with kh >= kw goes to the tall slot, else to the wide slot. A slot with a single unmasked branch is a
     view of that weight (no copy); otherwise it is the centred zero-padded sum. Differentiable."""
-    groups = {"tall": [], "wide": []}
-    for w, m in zip(weights, masks):
-        w3 = w[:, 0]
-        if m is not None:
-            w3 = w3 * m[:, 0].to(w3.dtype)
-        groups["tall" if w3.shape[1] >= w3.shape[2] else "wide"].append(w3)
     out = []
-    for key in ("tall", "wide"):
-        ws = groups[key]
-        if not ws:
-            out.append(None)
-            continue
-        if len(ws) == 1:
-            out.append(ws[0])
-            continue
-        KH = max(w.shape[1] for w in ws)
-        KW = max(w.shape[2] for w in ws)
-        slot = None
-        for w in ws:
-            ph, pw = (KH - w.shape[1]) // 2, (KW - w.shape[2]) // 2
-            wp = torch.nn.functional.pad(w, (pw, pw, ph, ph))
-            slot = wp if slot is None else slot + wp
-        out.append(slot)
+    for tall in (True, False):
+        parts = [w[:, 0] if m is None else w[:, 0] * m[:, 0].to(w.dtype)
+                 for w, m in _slot_branches(weights, masks, tall)]
+        out.append(_centre_combine(parts, torch.add) if parts else None)
     return out[0], out[1]
 
 
@@ -385,6 +390,7 @@ def _dw_tuner(slots: dict):
     return _DW_TUNERS[key]
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -420,7 +426,7 @@ def launch_lk_conv2d_bwd_dw(
     if _tracing_only(x):
         return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
                 db.sum(0) if db is not None else None)
-    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    dummy = x  # pointers of absent operands are never read (no allocation on the hot path)
     sparse_t = sparse_t if KH_T else None
     sparse_w = sparse_w if KH_W else None
     t_items, t_count, tb_t = sparse_t if sparse_t is not None else (dummy, dummy, 1)
@@ -477,27 +483,18 @@ def block_metadata(slot_mask: torch.Tensor, tall: bool, taps_per_block: int = TA
     act = act.permute(0, 2, 1).reshape(C, S * nb)                    # item id = s * NB + b
     items = torch.argsort((~act).to(torch.int8), dim=1, stable=True).to(torch.int32)
     counts = act.sum(dim=1, dtype=torch.int32)
-    return items.contiguous(), counts, taps_per_block
+    return items, counts, taps_per_block
 
 
 _META_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 _META_CACHE_SIZE = 64
 
 
-def _fold_masks(weights, masks, tall: bool) -> Optional[torch.Tensor]:
-    """Union of one slot's branch masks, laid out like the folded slot weight; None when no branch is masked."""
-    sel = [(w, m) for w, m in zip(weights, masks) if (w.shape[2] >= w.shape[3]) == tall]
-    if not sel or all(m is None for _, m in sel):
-        return None
-    KH = max(w.shape[2] for w, _ in sel)
-    KW = max(w.shape[3] for w, _ in sel)
-    u = None
-    for w, m in sel:
-        a = (m[:, 0] != 0) if m is not None else torch.ones(w.shape[0], w.shape[2], w.shape[3], dtype=torch.bool, device=w.device)
-        ph, pw = (KH - a.shape[1]) // 2, (KW - a.shape[2]) // 2
-        a = torch.nn.functional.pad(a, (pw, pw, ph, ph))
-        u = a if u is None else (u | a)
-    return u
+def _fold_masks(sel) -> torch.Tensor:
+    """Union of one slot's branch masks (``sel``: that slot's (weight, mask) pairs, at least one mask), laid out
+    like the folded slot weight; an unmasked branch counts as all active."""
+    parts = [(m[:, 0] != 0) if m is not None else torch.ones_like(w[:, 0], dtype=torch.bool) for w, m in sel]
+    return _centre_combine(parts, torch.logical_or)
 
 
 def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta]]:
@@ -508,13 +505,13 @@ def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta
     (Writes through ``mask.data`` bypass the version counter: do not mutate masks that way.)"""
     out = []
     for tall in (True, False):
-        sel = [(w, m) for w, m in zip(weights, masks) if (w.shape[2] >= w.shape[3]) == tall]
+        sel = _slot_branches(weights, masks, tall)
         if not sel or all(m is None for _, m in sel):
             out.append(None)
             continue
         if torch.compiler.is_compiling():
             # traced graphs recompute the lists (a few fused tensor ops) instead of keeping a Python-side cache
-            out.append(block_metadata(_fold_masks(weights, masks, tall), tall))
+            out.append(block_metadata(_fold_masks(sel), tall))
             continue
         key = (tall,) + tuple((tuple(w.shape), id(m), m._version if m is not None else -1) for w, m in sel)
         hit = _META_CACHE.get(key)
@@ -522,7 +519,7 @@ def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta
             _META_CACHE.move_to_end(key)
             out.append(hit[1])
             continue
-        meta = block_metadata(_fold_masks(weights, masks, tall), tall)
+        meta = block_metadata(_fold_masks(sel), tall)
         _META_CACHE[key] = (tuple(m for _, m in sel), meta)
         if len(_META_CACHE) > _META_CACHE_SIZE:
             _META_CACHE.popitem(last=False)
