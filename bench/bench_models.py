@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from slak_triton import use_backend
 
 from .env import Progress, cuda_mode, time_fn
+from .report import _f
 
 try:
     from slak_triton import models as slak_models
@@ -143,9 +144,9 @@ def format_model_table(records: Sequence[Dict[str, object]]) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         where = "[CPU MODE]" if r["cpu_mode"] else "GPU"
-        ms = "-" if r["ms"] is None else f"{r['ms']:.4g}"
-        ips = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
-        sp = "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x"
+        ms = _f(r["ms"], ".4g")
+        ips = _f(r["images_per_s"], ".1f")
+        sp = "-" if r["speedup_vs_torch"] is None else _f(r["speedup_vs_torch"], ".2f") + "x"
         note = "" if r["status"] == "timed" and not r["reason"] else f"{r['status'].upper()}: {r['reason']}"
         lines.append(f"{where:<10} {r['model']:<7} {r['kind']:<10} {r['provider']:<8} "
                      f"{str(r['batch']) + 'x' + str(r['image_size']) + 'x' + str(r['image_size']):<11} "
