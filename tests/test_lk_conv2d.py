@@ -282,6 +282,58 @@ def test_backward_matches_autograd_float64(p):
         assert_close(b.grad, bd.grad, p["dtype"], pix, "db")
 
 
+@pytest.mark.parametrize("how", ["kwarg", "context"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_weight_grad_covers_inactive_taps(how, dtype):
+    """dense_weight_grad: each weight's gradient is dL/d(weight * mask) at every tap (inactive blocks included),
+    checked against float64 autograd through F.conv2d with the masked weight as the leaf; the forward and dx are
+    unchanged, and a call outside the option still gives the masked gradient."""
+    torch.manual_seed(3)
+    C, N, H, W = 3, 2, 11, 10
+    x = torch.randn(N, C, H, W, device=DEV, dtype=dtype, requires_grad=True)
+    ws = [w.requires_grad_(True) for w in rand_weights(C, [(13, 3), (3, 13), (3, 3)], dtype)]
+    ms = [rand_mask(ws[0], "block", 0.5), rand_mask(ws[1], "block", 0.5), None]
+    g = torch.randn(N, C, H, W, device=DEV, dtype=torch.float64)
+    if how == "kwarg":
+        y = lk_conv2d(x, ws, mask=ms, backend="triton", dense_weight_grad=True)
+    else:
+        with slak_triton.dense_weight_grad():
+            y = lk_conv2d(x, ws, mask=ms, backend="triton")
+    with TritonRan("lk_conv2d_fwd_kernel", "lk_conv2d_bwd_dw_kernel"):
+        y.backward(g.to(dtype))   # backward outside the context: the choice was recorded at forward time
+    xd = x.detach().double().requires_grad_(True)
+    eff = [(w.detach().double() * (m.double() if m is not None else 1)).requires_grad_(True) for w, m in zip(ws, ms)]
+    ref = lk_conv2d_reference(xd, eff)
+    ref.backward(g)
+    assert_close(y, ref, dtype, n_taps([(13, 3), (3, 13), (3, 3)]), "y")
+    assert_close(x.grad, xd.grad, dtype, n_taps([(13, 3), (3, 13), (3, 3)]), "dx")
+    for i, (w, r, m) in enumerate(zip(ws, eff, ms)):
+        assert_close(w.grad, r.grad, dtype, N * H * W, f"dW[{i}]")
+        if m is not None:
+            assert (w.grad[m == 0] != 0).any(), "the dense gradient must reach inactive taps"
+    # the reference backend gives the same semantics
+    wr = [w.detach().double().requires_grad_(True) for w in ws]
+    lk_conv2d(xd.detach(), wr, mask=[None if m is None else m.double() for m in ms], backend="reference",
+              dense_weight_grad=True).backward(g)
+    for i, (w, r) in enumerate(zip(wr, eff)):
+        torch.testing.assert_close(w.grad, r.grad)
+    # default again: masked gradient
+    for w in ws:
+        w.grad = None
+    lk_conv2d(x, ws, mask=ms, backend="triton").backward(g.to(dtype))
+    assert (ws[0].grad[ms[0] == 0] == 0).all()
+
+
+def test_dense_weight_grad_rejects_non_bool():
+    x = torch.randn(1, 1, 5, 5, device=DEV)
+    w = torch.randn(1, 1, 3, 3, device=DEV)
+    with pytest.raises(TypeError, match="dense_weight_grad"):
+        lk_conv2d(x, w, dense_weight_grad=1)
+    with pytest.raises(TypeError, match="enabled"):
+        with slak_triton.dense_weight_grad("yes"):
+            pass
+
+
 def test_backward_is_deterministic():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 12, 12, device=DEV, requires_grad=True)

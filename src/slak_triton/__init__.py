@@ -7,7 +7,15 @@ training) <- CLIs (``slak_triton.train``, ``slak_triton.bench``). This file only
 
 from . import models
 from .nn import LKConv2d, SparseLKConv, convert_depthwise
-from .ops import LAUNCH_COUNTS, TAPS_PER_BLOCK, block_shape, interpreter_active, lk_conv2d, use_backend
+from .ops import (
+    LAUNCH_COUNTS,
+    TAPS_PER_BLOCK,
+    block_shape,
+    dense_weight_grad,
+    interpreter_active,
+    lk_conv2d,
+    use_backend,
+)
 from .reference import lk_conv2d_reference
 from .sparse import DynamicSparsity, MaskedEMA, load_masked_state_dict
 
@@ -16,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "lk_conv2d",
     "use_backend",
+    "dense_weight_grad",
     "block_shape",
     "TAPS_PER_BLOCK",
     "lk_conv2d_reference",

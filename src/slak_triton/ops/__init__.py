@@ -1,5 +1,13 @@
 """Host-side ops: validation, dispatch, launchers and autograd around the device code in ``slak_triton.kernels``."""
 
-from .lk_conv2d import LAUNCH_COUNTS, TAPS_PER_BLOCK, block_shape, interpreter_active, lk_conv2d, use_backend
+from .lk_conv2d import (
+    LAUNCH_COUNTS,
+    TAPS_PER_BLOCK,
+    block_shape,
+    dense_weight_grad,
+    interpreter_active,
+    lk_conv2d,
+    use_backend,
+)
 
-__all__ = ["lk_conv2d", "use_backend", "block_shape", "TAPS_PER_BLOCK", "LAUNCH_COUNTS", "interpreter_active"]
+__all__ = ["lk_conv2d", "use_backend", "dense_weight_grad", "block_shape", "TAPS_PER_BLOCK", "LAUNCH_COUNTS", "interpreter_active"]

@@ -32,11 +32,12 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_fwd_configs,
     lk_conv2d_fwd_kernel,
 )
-from slak_triton.reference import lk_conv2d_reference
+from slak_triton.reference import apply_mask, lk_conv2d_reference
 
 __all__ = [
     "lk_conv2d",
     "use_backend",
+    "dense_weight_grad",
     "block_shape",
     "TAPS_PER_BLOCK",
     "BACKENDS",
@@ -82,6 +83,30 @@ def use_backend(backend: str):
         yield
     finally:
         _DEFAULT_BACKEND[0] = old
+
+
+_DENSE_WEIGHT_GRAD = [False]
+
+
+@contextlib.contextmanager
+def dense_weight_grad(enabled: bool = True):
+    """Context manager: ``lk_conv2d`` calls made (forward) inside it return the gradient of *every* tap of each
+    weight, inactive ones included, instead of the masked gradient.
+
+    By default a masked weight's gradient is ``mask * dL/d(weight * mask)``: zero on inactive taps, and the
+    kernels skip inactive blocks. Gradient-based regrowth in dynamic sparse training (RigL, SLaK's "gradient"
+    growth) needs the unmasked ``dL/d(weight * mask)`` on topology-update steps only: forward those steps inside
+    this context. Only the weight gradient of those calls runs densely (the forward and the input gradient still
+    skip inactive blocks). The choice is recorded at forward time; ``backward`` may run outside the context.
+    Equivalent to ``lk_conv2d(..., dense_weight_grad=True)``. Not thread-local."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    old = _DENSE_WEIGHT_GRAD[0]
+    _DENSE_WEIGHT_GRAD[0] = enabled
+    try:
+        yield
+    finally:
+        _DENSE_WEIGHT_GRAD[0] = old
 
 
 def interpreter_active() -> bool:
@@ -268,16 +293,16 @@ def _centre_combine(parts: List[torch.Tensor], combine) -> torch.Tensor:
 
 
 def fold_branches(
-    weights: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]]
+    weights: Sequence[torch.Tensor], masks: Sequence[Optional[torch.Tensor]], dense_weight_grad: bool = False
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Applies masks and folds the branches into (tall, wide) slot weights of shape [C, kh, kw] (or None).
 
     A branch with kh >= kw goes to the tall slot, else to the wide slot. A slot with a single unmasked branch is a
-    view of that weight (no copy); otherwise it is the centred zero-padded sum. Differentiable."""
+    view of that weight (no copy); otherwise it is the centred zero-padded sum. Differentiable; with
+    ``dense_weight_grad`` the masks do not zero the weights' gradients (``apply_mask``)."""
     out = []
     for tall in (True, False):
-        parts = [w[:, 0] if m is None else w[:, 0] * m[:, 0].to(w.dtype)
-                 for w, m in _slot_branches(weights, masks, tall)]
+        parts = [apply_mask(w, m, dense_weight_grad)[:, 0] for w, m in _slot_branches(weights, masks, tall)]
         out.append(_centre_combine(parts, torch.add) if parts else None)
     return out[0], out[1]
 
@@ -547,12 +572,14 @@ def lk_conv2d_fwd_op(
     w_count: Optional[torch.Tensor],
     taps_per_block: int,
     flip: bool,
+    dense_dw: bool = False,
 ) -> torch.Tensor:
     """``torch.ops.slak_triton.lk_conv2d_fwd``: the slot-level forward (or, with ``flip``, the input gradient).
 
     x: [N, C, H, W]; wt: [C, KH_T, KW_T] or None; ww: [C, KH_W, KW_W] or None; bias: [C] or None;
-    t_items/t_count, w_items/w_count: block lists from ``block_metadata`` or None (dense). Returns [N, C, H, W]
-    in x's dtype and memory format. Differentiable (``register_autograd``) once."""
+    t_items/t_count, w_items/w_count: block lists from ``block_metadata`` or None (dense). dense_dw: the backward
+    computes the weight gradient of every tap, not only of the listed blocks. Returns [N, C, H, W] in x's dtype and
+    memory format. Differentiable (``register_autograd``) once."""
     out = _empty_like_layout(x)
     launch_lk_conv2d_fwd(x, wt, ww, bias, out, flip=flip, sparse_t=_meta(t_items, t_count, taps_per_block),
                          sparse_w=_meta(w_items, w_count, taps_per_block))
@@ -588,7 +615,7 @@ def lk_conv2d_bwd_dw_op(
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    x, wt, ww, bias, t_items, t_count, w_items, w_count, taps_per_block, flip = inputs
+    x, wt, ww, bias, t_items, t_count, w_items, w_count, taps_per_block, flip, dense_dw = inputs
     if flip:
         ctx.flip = True
         return
@@ -596,6 +623,7 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, wt, ww, t_items, t_count, w_items, w_count)
     ctx.taps_per_block = taps_per_block
     ctx.has_bias = bias is not None
+    ctx.dense_dw = dense_dw
 
 
 def _fwd_backward(ctx, dy):
@@ -613,13 +641,15 @@ def _fwd_backward(ctx, dy):
     if need_t or need_w or need_b:
         kt = tuple(wt.shape[1:]) if (wt is not None and need_t) else (0, 0)
         kw = tuple(ww.shape[1:]) if (ww is not None and need_w) else (0, 0)
+        if ctx.dense_dw:   # every tap's gradient: no block lists
+            t_items = t_count = w_items = w_count = None
         gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1],
                                                             bool(need_b and ctx.has_bias), t_items, t_count,
                                                             w_items, w_count, ctx.taps_per_block)
         dwt = gt.to(wt.dtype) if kt[0] else None
         dww = gw.to(ww.dtype) if kw[0] else None
         db = gb.to(x.dtype) if (need_b and ctx.has_bias) else None
-    return dx, dwt, dww, db, None, None, None, None, None, None
+    return dx, dwt, dww, db, None, None, None, None, None, None, None
 
 
 register_autograd("slak_triton::lk_conv2d_fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -636,6 +666,7 @@ def lk_conv2d(
     *,
     mask: MaskArg = None,
     backend: str = "auto",
+    dense_weight_grad: Optional[bool] = None,
 ) -> torch.Tensor:
     """Depthwise large-kernel convolution, summed over branches, in one pass. Differentiable w.r.t. x, every
     weight and bias.
@@ -651,27 +682,34 @@ def lk_conv2d(
             the mask; the block lists are rebuilt only when a mask changes.
         backend: "auto" (CUDA -> compiled Triton; CPU -> Triton's interpreter when TRITON_INTERPRET=1 was set
             before import, else the reference), "triton" (error if it cannot run) or "reference" (F.conv2d).
+        dense_weight_grad: True: the weights' gradients cover every tap, inactive ones included (the gradient of
+            ``weight * mask``, not multiplied by the mask; for gradient-based regrowth), at the cost of a dense
+            weight-gradient launch. None (default): as set by the ``dense_weight_grad()`` context, else False.
 
     Returns:
         [N, C, H, W] in x's dtype: ``sum_b F.conv2d(x, w_b * m_b, padding=(kh_b//2, kw_b//2), groups=C) + bias``.
     """
     weights, masks = _validate(x, weight, bias, mask, backend)
+    if dense_weight_grad is None:
+        dense_weight_grad = _DENSE_WEIGHT_GRAD[0]
+    elif not isinstance(dense_weight_grad, bool):
+        raise TypeError(f"dense_weight_grad: expected a bool or None, got {type(dense_weight_grad).__name__}")
     if backend == "auto":
         backend = _DEFAULT_BACKEND[0]
     where = _resolve_backend(x, backend)
     if where == "reference":
-        return lk_conv2d_reference(x, weights, bias, masks)
+        return lk_conv2d_reference(x, weights, bias, masks, dense_weight_grad)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x = x.to(dt)
         weights = [w.to(dt) for w in weights]
         bias = bias.to(dt) if bias is not None else None
     meta_t, meta_w = slot_metadata(weights, masks)
-    wt, ww = fold_branches(weights, masks)
+    wt, ww = fold_branches(weights, masks, dense_weight_grad)
     tb = (meta_t or meta_w or (None, None, TAPS_PER_BLOCK))[2]
     with torch.autocast(x.device.type, enabled=False):
         return torch.ops.slak_triton.lk_conv2d_fwd(
             x, wt, ww, bias,
             meta_t[0] if meta_t else None, meta_t[1] if meta_t else None,
             meta_w[0] if meta_w else None, meta_w[1] if meta_w else None,
-            tb, False)
+            tb, False, dense_weight_grad)
