@@ -308,6 +308,392 @@ def lk_conv2d_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
+# ==============================================================================================================
+# Plane kernels (v3): one program = one channel, whole planes of several images (H, W <= 64)
+# ==============================================================================================================
+#
+# Every SLaK stage at ImageNet resolution has planes of at most 56 x 56, so one output tile holds a whole plane
+# (padded to BH x BW, powers of two) and the long-axis Toeplitz operands no longer depend on the tile: for the
+# tall slot and short-axis position j,
+#     T_j[h, r] = wt[c, r - h + KH_T // 2, j]      ([BH, BH]: output row h, input row r; 0 outside the kernel)
+# so that   y_tall = sum_j T_j @ X_j   with   X_j[r, w] = x[r, w + j - KW_T // 2]   (input columns shifted by j);
+# for the wide slot and short-axis position i,
+#     U_i[q, w] = ww[c, i, q - w + KW_W // 2]      ([BW, BW]: input column q, output column w)
+# so that   y_wide = sum_i X_i @ U_i   with   X_i[h, q] = x[h + i - KH_W // 2, q]   (input rows shifted by i).
+# Zero padding is free: input rows/columns outside the plane are masked to 0, and the Toeplitz matrices need no
+# halo because the whole plane is one window. A program builds the T_j and U_i of its channel ONCE (they stay in
+# shared memory) and then streams images through them, NB images per tl.dot (tall: side by side along N;
+# wide: stacked along M). The only per-image work is loading x (aligned 16-byte vectors for the wide slot and
+# the centre column; the tall slot's shifted columns are 2- or 4-byte loads), the dots, and one store of y.
+#
+# A *line* is one short-axis position of a slot (a column of the tall kernel, a row of the wide kernel): the unit
+# of block sparsity these kernels skip (``SPARSE_*``: per-channel 0/1 flags of active lines).
+
+
+def lk_conv2d_plane_configs():
+    """Autotune candidates of the plane kernels: NB images per tl.dot, IMG images per program (a multiple of NB;
+    more images per program amortise building the Toeplitz operands, fewer give more programs)."""
+    return [
+        triton.Config({"NB": nb, "IMG": img}, num_warps=w, num_stages=1)
+        for nb, img, w in [(1, 8, 4), (1, 16, 4), (1, 32, 4), (2, 16, 4), (2, 32, 8), (4, 32, 4), (4, 64, 4),
+                           (8, 64, 4), (8, 64, 8)]
+    ]
+
+
+def lk_conv2d_plane_default_config(H, W, elem_bytes=2):
+    """The plane kernels' config where autotuning is off (interpreter, compile-only checks): the static model's
+    best per plane size (bench/NOTES.md); small planes stack more images per dot."""
+    big = max(H, W) > 32
+    nb = 1 if big else 4
+    return {"NB": nb, "IMG": 32 if big else 64, "num_warps": 4, "num_stages": 1}
+
+
+def lk_conv2d_plane_dw_configs():
+    """Autotune candidates of the plane weight-gradient kernel: NB images per tl.dot (along its K dimension)."""
+    return [triton.Config({"NB": nb}, num_warps=w, num_stages=1) for nb, w in [(1, 4), (2, 4), (2, 8), (4, 4), (4, 8)]]
+
+
+def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2):
+    """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md)."""
+    return {"NB": 1 if max(H, W) > 32 else 4, "num_warps": 4, "num_stages": 1}
+
+
+def plane_pad(n):
+    """BH / BW of the plane kernels: the plane's size rounded up to a power of two, at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _aligned(v, ALIGN: tl.constexpr):
+    """``v`` unchanged, rewritten so that Triton's alignment analysis knows it is a multiple of ALIGN (the host
+    checked it; ``tl.multiple_of`` on a scalar argument is dropped by triton 3.6)."""
+    if ALIGN > 1:
+        v = (v // ALIGN) * ALIGN
+    return v
+
+
+@triton.jit
+def _line_trips(act_ptr, c, line, LINES: tl.constexpr, SPARSE: tl.constexpr):
+    """1 if line ``line`` of channel ``c`` is computed, else 0: the trip count of the loop that computes it. (The
+    same code as an ``if``; as a loop, the launch plan can tell the static model the fraction of active lines as
+    its mean trip count, sass_model counting both sides of an ``if`` as executed.)"""
+    if SPARSE:
+        return tl.load(act_ptr + c * LINES + line)
+    return 1
+
+
+@triton.jit
+def _tall_toeplitz(w_c, swh, sww, j, ar_h, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """T_j [BH(h), BH(r)] = w[r - h + KH//2, j] (of the 180-degree rotated kernel when FLIP), 0 off the band."""
+    k = ar_h[None, :] - ar_h[:, None] + KH // 2
+    ok = (k >= 0) & (k < KH)
+    if FLIP:
+        return tl.load(w_c + (KH - 1 - k) * swh + (KW - 1 - j) * sww, mask=ok, other=0.0)
+    return tl.load(w_c + k * swh + j * sww, mask=ok, other=0.0)
+
+
+@triton.jit
+def _wide_toeplitz(w_c, swh, sww, i, ar_w, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """U_i [BW(q), BW(w)] = w[i, q - w + KW//2] (rotated when FLIP), 0 off the band."""
+    k = ar_w[:, None] - ar_w[None, :] + KW // 2
+    ok = (k >= 0) & (k < KW)
+    if FLIP:
+        return tl.load(w_c + (KH - 1 - i) * swh + (KW - 1 - k) * sww, mask=ok, other=0.0)
+    return tl.load(w_c + i * swh + k * sww, mask=ok, other=0.0)
+
+
+@triton.jit
+def lk_conv2d_plane_fwd_kernel(
+    # ---- pointers ----
+    x_ptr,        # [N, C, H, W] input (dy for the input gradient), any strides
+    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0)
+    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0)
+    b_ptr,        # [C] bias (HAS_BIAS only)
+    y_ptr,        # [N, C, H, W] output, any strides, fully overwritten
+    t_act_ptr,    # [C, KW_T] int32: 1 = tall line j of channel c has an active tap (SPARSE_T only)
+    w_act_ptr,    # [C, KH_W] int32: 1 = wide line i active (SPARSE_W only)
+    # ---- sizes ----
+    N, C, H, W,
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    swt_c, swt_h, swt_w,
+    sww_c, sww_h, sww_w,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr,   # tall slot kernel (0, 0 when absent)
+    KH_W: tl.constexpr, KW_W: tl.constexpr,   # wide slot kernel (0, 0 when absent)
+    SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FLIP: tl.constexpr,       # correlate with the 180-degree rotated kernels (the input gradient)
+    ALIGN: tl.constexpr,      # W, the row / image / channel strides of x and y and both base pointers are
+                              # multiples of ALIGN elements (host-checked; 16-byte vector loads when 16 // elt)
+    WIDE_IDX: tl.constexpr,   # in-plane offsets in int64
+    DOT_PREC: tl.constexpr,   # input_precision of fp32 dots
+    DOT_UPCAST: tl.constexpr, # dots in fp32 (interpreter + bf16 only: its tl.dot multiplies bf16 bit patterns)
+    BH: tl.constexpr, BW: tl.constexpr,       # plane_pad(H), plane_pad(W)
+    NB: tl.constexpr,         # images per tl.dot
+    IMG: tl.constexpr,        # images per program (a multiple of NB)
+):
+    """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
+    y = sum_j T_j @ X_j + sum_i X_i @ U_i (+ bias), the T_j / U_i built once per program (see above)."""
+    pid = tl.program_id(0)
+    c = pid % C
+    n_start = (pid // C) * IMG
+    n_stop = tl.minimum(n_start + IMG, N)
+    sxn = _aligned(sxn, ALIGN)
+    sxc = _aligned(sxc, ALIGN)
+    sxh = _aligned(sxh, ALIGN)
+    syn = _aligned(syn, ALIGN)
+    syc = _aligned(syc, ALIGN)
+    syh = _aligned(syh, ALIGN)
+    W = _aligned(W, ALIGN)
+    ar_h = tl.arange(0, BH)
+    ar_w = tl.arange(0, BW)
+    if WIDE_IDX:
+        ar_h = ar_h.to(tl.int64)
+        ar_w = ar_w.to(tl.int64)
+    c64 = c.to(tl.int64)
+
+    # The channel's Toeplitz operands, built once (loop-invariant: they stay in shared memory).
+    ts = ()
+    for j in tl.static_range(KW_T):
+        ts = ts + (_tall_toeplitz(wt_ptr + c64 * swt_c, swt_h, swt_w, j, ar_h, KH_T, KW_T, FLIP),)
+    us = ()
+    for i in tl.static_range(KH_W):
+        us = us + (_wide_toeplitz(ww_ptr + c64 * sww_c, sww_h, sww_w, i, ar_w, KH_W, KW_W, FLIP),)
+
+    # Tall layout: accumulator column cc = image cc // BW, column cc % BW; wide layout: row rq = image rq // BH.
+    cc = tl.arange(0, NB * BW)
+    cw = cc % BW
+    cb = cc // BW
+    rq = tl.arange(0, NB * BH)
+    rh = rq % BH
+    rb = rq // BH
+    if WIDE_IDX:
+        cw = cw.to(tl.int64)
+        rh = rh.to(tl.int64)
+    x_c = x_ptr + c64 * sxc
+    y_c = y_ptr + c64 * syc
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c).to(tl.float32)
+    row_in = ar_h < H
+
+    for n0 in range(n_start, n_stop, NB):
+        acc_t = tl.zeros((BH, NB * BW), dtype=tl.float32)
+        acc_w = tl.zeros((NB * BH, BW), dtype=tl.float32)
+        img_c = (n0 + cb) < n_stop
+        img_r = (n0 + rb) < n_stop
+        xc = x_c + (n0 + cb).to(tl.int64) * sxn       # [NB*BW] image base of each tall-layout column
+        xr = x_c + (n0 + rb).to(tl.int64) * sxn       # [NB*BH] image base of each wide-layout row
+        for j in tl.static_range(KW_T):
+            # (the flags index the stored lines; FLIP reads stored line KW_T - 1 - j)
+            for _t in range(_line_trips(t_act_ptr, c, KW_T - 1 - j if FLIP else j, KW_T, SPARSE_T)):
+                cols = cw + (j - KW_T // 2)
+                xt = tl.load(xc[None, :] + ar_h[:, None] * sxh + cols[None, :] * sxw,
+                             mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img_c)[None, :], other=0.0)
+                t = ts[j]
+                if DOT_UPCAST:
+                    t = t.to(tl.float32)
+                    xt = xt.to(tl.float32)
+                acc_t = tl.dot(t, xt, acc_t, input_precision=DOT_PREC)
+        for i in tl.static_range(KH_W):
+            for _w in range(_line_trips(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W)):
+                rows = rh + (i - KH_W // 2)
+                xw = tl.load(xr[:, None] + rows[:, None] * sxh + ar_w[None, :] * sxw,
+                             mask=((rows >= 0) & (rows < H) & img_r)[:, None] & (ar_w < W)[None, :], other=0.0)
+                u = us[i]
+                if DOT_UPCAST:
+                    u = u.to(tl.float32)
+                    xw = xw.to(tl.float32)
+                acc_w = tl.dot(xw, u, acc_w, input_precision=DOT_PREC)
+        if NB == 1:
+            acc = acc_t + acc_w
+        else:   # the wide accumulator to the tall layout, once per NB images
+            acc = acc_t + tl.reshape(tl.permute(tl.reshape(acc_w, (NB, BH, BW)), (1, 0, 2)), (BH, NB * BW))
+        if HAS_BIAS:
+            acc += bias
+        y_ptrs = y_c + (n0 + cb).to(tl.int64)[None, :] * syn + ar_h[:, None] * syh + cw[None, :] * syw
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in[:, None] & ((cw < W) & img_c)[None, :])
+
+
+@triton.jit
+def _diagonal_sums(p, KP: tl.constexpr, OFF: tl.constexpr):
+    """g[k] = sum_h p[h, h + k - OFF] for k < KP (terms outside p count 0): the tap gradients of one line from the
+    correlation matrix p [B(h), B(r)] of output rows and input rows (or columns)."""
+    B: tl.constexpr = p.shape[0]
+    h = tl.arange(0, B)[:, None]
+    r = h + tl.arange(0, KP)[None, :] - OFF
+    ok = (r >= 0) & (r < B)
+    g = tl.gather(p, tl.minimum(tl.maximum(r, 0), B - 1), axis=1)
+    return tl.sum(tl.where(ok, g, 0.0), axis=0)
+
+
+@triton.jit
+def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh, sdw,
+                  ar_h, cw, cb, dwt_c,
+                  KH: tl.constexpr, KW: tl.constexpr, J0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
+                  BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                  BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
+    """Tall lines J0 .. J0+LG-1 (those < KW) over the program's images: P_j += DY @ X_j^T for every image group
+    (dy loaded once per group for all the lines), then the lines' tap gradients (diagonal sums of P_j) are written
+    to dwt_c [KH, KW]. With BIAS, also adds the images' dy to acc_b. Returns acc_b."""
+    NL: tl.constexpr = min(LG, KW - J0)
+    trips = ()
+    accs = ()
+    for l in tl.static_range(NL):
+        trips = trips + (_line_trips(t_act_ptr, c, J0 + l, KW, SPARSE),)
+        accs = accs + (tl.zeros((BH, BH), dtype=tl.float32),)
+    row_in = ar_h < H
+    for n0 in range(n_start, n_stop, NB):
+        img = (n0 + cb) < n_stop
+        nofs = (n0 + cb).to(tl.int64)
+        dy = tl.load(d_c + nofs[None, :] * sdn + ar_h[:, None] * sdh + cw[None, :] * sdw,
+                     mask=row_in[:, None] & ((cw < W) & img)[None, :], other=0.0)
+        if BIAS:
+            acc_b += dy.to(tl.float32)
+        if DOT_UPCAST:
+            dy = dy.to(tl.float32)
+        new = ()
+        for l in tl.static_range(NL):
+            p = accs[l]
+            for _t in range(trips[l]):
+                cols = cw + (J0 + l - KW // 2)
+                xt = tl.load(x_c + nofs[None, :] * sxn + ar_h[:, None] * sxh + cols[None, :] * sxw,
+                             mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img)[None, :], other=0.0)
+                if DOT_UPCAST:
+                    xt = xt.to(tl.float32)
+                p = tl.dot(dy, tl.trans(xt), p, input_precision=DOT_PREC)
+            new = new + (p,)
+        accs = new
+    kk = tl.arange(0, KP)
+    for l in tl.static_range(NL):   # an inactive line kept its zero accumulator: zero gradient
+        tl.store(dwt_c + kk * KW + (J0 + l), _diagonal_sums(accs[l], KP, KH // 2), mask=kk < KH)
+    return acc_b
+
+
+@triton.jit
+def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh, sdw,
+                  ar_w, rh, rb, dww_c,
+                  KH: tl.constexpr, KW: tl.constexpr, I0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
+                  BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                  BW: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
+    """Wide lines I0 .. I0+LG-1: Q_i += DY^T @ X_i ([BW, BW]) per image group, then dww_c[i, k] = the diagonal
+    sums of Q_i. The transpose of ``_dw_tall_pass`` (images stacked along rows)."""
+    NL: tl.constexpr = min(LG, KH - I0)
+    trips = ()
+    accs = ()
+    for l in tl.static_range(NL):
+        trips = trips + (_line_trips(w_act_ptr, c, I0 + l, KH, SPARSE),)
+        accs = accs + (tl.zeros((BW, BW), dtype=tl.float32),)
+    col_in = ar_w < W
+    for n0 in range(n_start, n_stop, NB):
+        img = (n0 + rb) < n_stop
+        nofs = (n0 + rb).to(tl.int64)
+        dy = tl.load(d_c + nofs[:, None] * sdn + rh[:, None] * sdh + ar_w[None, :] * sdw,
+                     mask=((rh < H) & img)[:, None] & col_in[None, :], other=0.0)
+        if BIAS:
+            acc_b += dy.to(tl.float32)
+        if DOT_UPCAST:
+            dy = dy.to(tl.float32)
+        new = ()
+        for l in tl.static_range(NL):
+            q = accs[l]
+            for _w in range(trips[l]):
+                rows = rh + (I0 + l - KH // 2)
+                xw = tl.load(x_c + nofs[:, None] * sxn + rows[:, None] * sxh + ar_w[None, :] * sxw,
+                             mask=((rows >= 0) & (rows < H) & img)[:, None] & col_in[None, :], other=0.0)
+                if DOT_UPCAST:
+                    xw = xw.to(tl.float32)
+                q = tl.dot(tl.trans(dy), xw, q, input_precision=DOT_PREC)
+            new = new + (q,)
+        accs = new
+    kk = tl.arange(0, KP)
+    for l in tl.static_range(NL):
+        tl.store(dww_c + (I0 + l) * KW + kk, _diagonal_sums(accs[l], KP, KW // 2), mask=kk < KW)
+    return acc_b
+
+
+@triton.jit
+def lk_conv2d_plane_dw_kernel(
+    # ---- pointers ----
+    x_ptr,        # [N, C, H, W] forward input, any strides
+    dy_ptr,       # [N, C, H, W] output gradient, any strides
+    dwt_ptr,      # [S, C, KH_T, KW_T] fp32 partial tall gradients, one slice per image group (contiguous)
+    dww_ptr,      # [S, C, KH_W, KW_W] fp32 partial wide gradients (contiguous)
+    db_ptr,       # [S, C] fp32 partial bias gradients
+    t_act_ptr,    # [C, KW_T] int32 active tall lines (SPARSE_T only; inactive lines get a zero gradient)
+    w_act_ptr,    # [C, KH_W] int32 active wide lines (SPARSE_W only)
+    # ---- sizes ----
+    N, C, H, W,
+    imgs_per_prog,  # images per program (the host's plane_dw_images_per_program); S = cdiv(N, imgs_per_prog)
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
+    SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ALIGN: tl.constexpr, WIDE_IDX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BH: tl.constexpr, BW: tl.constexpr,
+    NB: tl.constexpr,         # images per tl.dot (along its K dimension)
+    LG: tl.constexpr,         # lines accumulated together per pass over the images (their [B, B] fp32
+                              # accumulators live in registers at once; the host's plane_dw_line_group)
+    KPT: tl.constexpr,        # next_power_of_2(KH_T) (1 when absent): taps of a tall line
+    KPW: tl.constexpr,        # next_power_of_2(KW_W): taps of a wide line
+):
+    """Weight (and bias) gradients of one channel over one group of images. Grid: (C * S,).
+
+    Tall line j: ``P_j = sum_n DY_n @ X_{n,j}^T`` ([BH, BH], output rows x input rows, accumulated over the
+    group's images, NB images per dot along K), then dwt[k, j] = sum_h P_j[h, h + k - KH_T // 2] once per program.
+    Wide line i: ``Q_i = sum_n DY_n^T @ X_{n,i}`` ([BW, BW]), dww[i, k] = sum_w Q_i[w, w + k - KW_W // 2].
+    Each pass over the images loads dy once for LG lines. Deterministic: each program writes its own fp32
+    partial; the host sums the S partials in a fixed order."""
+    pid = tl.program_id(0)
+    c = pid % C
+    s = pid // C
+    n_start = s * imgs_per_prog
+    n_stop = tl.minimum(n_start + imgs_per_prog, N)
+    sxn = _aligned(sxn, ALIGN)
+    sxc = _aligned(sxc, ALIGN)
+    sxh = _aligned(sxh, ALIGN)
+    sdn = _aligned(sdn, ALIGN)
+    sdc = _aligned(sdc, ALIGN)
+    sdh = _aligned(sdh, ALIGN)
+    W = _aligned(W, ALIGN)
+    ar_h = tl.arange(0, BH)
+    ar_w = tl.arange(0, BW)
+    # tall layout [BH, NB*BW]: column cc = image cc // BW, column cc % BW; wide layout [NB*BH, BW]: row rq
+    cc = tl.arange(0, NB * BW)
+    cw = cc % BW
+    cb = cc // BW
+    rq = tl.arange(0, NB * BH)
+    rh = rq % BH
+    rb = rq // BH
+    if WIDE_IDX:
+        ar_h = ar_h.to(tl.int64)
+        ar_w = ar_w.to(tl.int64)
+        cw = cw.to(tl.int64)
+        rh = rh.to(tl.int64)
+    c64 = c.to(tl.int64)
+    x_c = x_ptr + c64 * sxc
+    d_c = dy_ptr + c64 * sdc
+    out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
+    # the bias gradient rides along the first pass over the images
+    acc_bt = tl.zeros((BH, NB * BW), dtype=tl.float32)
+    acc_bw = tl.zeros((NB * BH, BW), dtype=tl.float32)
+    for j0 in tl.static_range(0, KW_T, LG):
+        acc_bt = _dw_tall_pass(acc_bt, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
+                               sdw, ar_h, cw, cb, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,
+                               SPARSE=SPARSE_T, BIAS=HAS_BIAS and j0 == 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST,
+                               BH=BH, NB=NB, KP=KPT)
+    for i0 in tl.static_range(0, KH_W, LG):
+        acc_bw = _dw_wide_pass(acc_bw, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
+                               sdw, ar_w, rh, rb, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,
+                               SPARSE=SPARSE_W, BIAS=HAS_BIAS and KW_T == 0 and i0 == 0, DOT_PREC=DOT_PREC,
+                               DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)
+    if HAS_BIAS:
+        tl.store(db_ptr + out_c, tl.sum(tl.sum(acc_bt, axis=1), axis=0) + tl.sum(tl.sum(acc_bw, axis=1), axis=0))
+
+
 def lk_conv2d_bwd_dw_configs():
     """Autotune candidates for the weight-gradient kernel: BH x BW is the dy tile consumed per step."""
     return [

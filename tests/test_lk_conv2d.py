@@ -4,6 +4,7 @@ On CPU-only machines the Triton kernels run under Triton's interpreter (conftest
 test asserts that they did (``LAUNCH_COUNTS``). The "gpu" tests run the compiled kernels at full size on CUDA.
 """
 
+import contextlib
 import importlib
 import math
 import os
@@ -60,7 +61,7 @@ class TritonRan:
     """Context manager asserting that the given Triton kernels were launched inside it."""
 
     def __init__(self, *names):
-        self.names = names or ("lk_conv2d_fwd_kernel",)
+        self.names = names or ("fwd",)
 
     def __enter__(self):
         self.before = {n: LAUNCH_COUNTS[n] for n in self.names}
@@ -143,6 +144,7 @@ def problems(draw, masks=True):
     shapes = draw(branch_sets())
     C = draw(st.integers(1, MAX_C))
     return dict(
+        path=draw(st.sampled_from(["auto", "tiled"])),
         N=draw(st.integers(0 if not ON_GPU else 1, MAX_N)), C=C,
         H=draw(st.integers(1, MAX_HW)), W=draw(st.integers(1, MAX_HW)),
         shapes=shapes, dtype=draw(st.sampled_from(DTYPES)),
@@ -178,10 +180,23 @@ def build(p, requires_grad=False):
 # forward
 # ----------------------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def kernel_path(path):
+    """path "auto": the op's own choice (plane kernels for 16-bit planes up to 64 x 64, tiled otherwise);
+    "tiled": the tiled kernels for every plane (as for planes over PLANE_MAX)."""
+    old = op_mod.PLANE_MAX
+    if path == "tiled":
+        op_mod.PLANE_MAX = 0
+    try:
+        yield
+    finally:
+        op_mod.PLANE_MAX = old
+
+
 @given(p=problems())
 def test_forward_matches_conv2d_float64(p):
     x, ws, b, ms = build(p)
-    with TritonRan() if p["N"] > 0 else _null():
+    with kernel_path(p["path"]), TritonRan() if p["N"] > 0 else _null():
         y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
     ref = reference64(x, ws, b, ms)
     assert y.dtype == x.dtype and y.shape == x.shape
@@ -228,28 +243,32 @@ def test_auto_backend_uses_triton_here():
 def test_reference_backend_runs_no_kernel():
     x = torch.randn(1, 2, 6, 6, device=DEV)
     w = torch.randn(2, 1, 5, 3, device=DEV)
-    before = LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    before = LAUNCH_COUNTS["fwd"]
     y = lk_conv2d(x, w, backend="reference")
-    assert LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] == before
+    assert LAUNCH_COUNTS["fwd"] == before
     assert_close(y, reference64(x, [w], None, None), torch.float32, 15, "y")
 
 
-def test_large_offsets_use_64bit_indexing(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # tiled and plane kernels
+def test_large_offsets_use_64bit_indexing(monkeypatch, dtype):
     """Planes whose offsets reach 2**31 switch the kernels to int64 in-plane offsets (batch/channel offsets are
     always int64); the int64 variant computes the same result."""
-    big = torch.empty_strided((1, 1, 70000, 70000), (1, 1, 70000, 1), device="meta")
-    assert op_mod._needs_wide_idx(big)
-    assert not op_mod._needs_wide_idx(torch.empty(2, 3, 224, 224, device="meta"))
-    monkeypatch.setattr(op_mod, "_needs_wide_idx", lambda t: True)
-    x = torch.randn(2, 2, 9, 7, device=DEV, requires_grad=True)
-    ws = [torch.randn(2, 1, 13, 3, device=DEV, requires_grad=True), torch.randn(2, 1, 3, 13, device=DEV, requires_grad=True)]
-    with TritonRan("lk_conv2d_fwd_kernel", "lk_conv2d_bwd_dw_kernel"):
+    assert op_mod._wide_idx((70000, 70000), (1, 1, 70000, 1))
+    assert not op_mod._wide_idx((224, 224), (3 * 224 * 224, 224 * 224, 224, 1))
+    monkeypatch.setattr(op_mod, "_wide_idx", lambda plane, strides: True)
+    x = torch.randn(2, 2, 9, 7, device=DEV).to(dtype).requires_grad_(True)
+    ws = [(torch.randn(2, 1, 13, 3, device=DEV) / 6).to(dtype).requires_grad_(True),
+          (torch.randn(2, 1, 3, 13, device=DEV) / 6).to(dtype).requires_grad_(True)]
+    with TritonRan("fwd", "dw"):
         y = lk_conv2d(x, ws, backend="triton")
         y.backward(torch.ones_like(y))
-    assert_close(y, reference64(x, ws, None, None), torch.float32, 78, "y")
+    assert_close(y, reference64(x, ws, None, None), dtype, 78, "y")
     xd = x.detach().double().requires_grad_(True)
-    lk_conv2d_reference(xd, [w.detach().double() for w in ws]).backward(torch.ones(2, 2, 9, 7, dtype=torch.float64))
-    assert_close(x.grad, xd.grad, torch.float32, 78, "dx")
+    wd = [w.detach().double().requires_grad_(True) for w in ws]
+    lk_conv2d_reference(xd, wd).backward(torch.ones(2, 2, 9, 7, dtype=torch.float64))
+    assert_close(x.grad, xd.grad, dtype, 78, "dx")
+    for w, r in zip(ws, wd):
+        assert_close(w.grad, r.grad, dtype, 2 * 9 * 7, "dW")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,10 +279,11 @@ def test_large_offsets_use_64bit_indexing(monkeypatch):
 @settings(max_examples=16 if not ON_GPU else 25)
 def test_backward_matches_autograd_float64(p):
     x, ws, b, ms = build(p, requires_grad=True)
-    y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
-    g = torch.randn(y.shape, device=DEV, dtype=torch.float64).to(y.dtype)
-    with TritonRan("lk_conv2d_fwd_kernel", "lk_conv2d_bwd_dw_kernel") if p["N"] > 0 else _null():
-        y.backward(g)
+    with kernel_path(p["path"]):
+        y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
+        g = torch.randn(y.shape, device=DEV, dtype=torch.float64).to(y.dtype)
+        with TritonRan("fwd", "dw") if p["N"] > 0 else _null():
+            y.backward(g)
     xd = x.detach().double().requires_grad_(True)
     wd = [w.detach().double().requires_grad_(True) for w in ws]
     bd = b.detach().double().requires_grad_(True) if b is not None else None
@@ -299,7 +319,7 @@ def test_dense_weight_grad_covers_inactive_taps(how, dtype):
     else:
         with slak_triton.dense_weight_grad():
             y = lk_conv2d(x, ws, mask=ms, backend="triton")
-    with TritonRan("lk_conv2d_fwd_kernel", "lk_conv2d_bwd_dw_kernel"):
+    with TritonRan("fwd", "dw"):
         y.backward(g.to(dtype))   # backward outside the context: the choice was recorded at forward time
     xd = x.detach().double().requires_grad_(True)
     eff = [(w.detach().double() * (m.double() if m is not None else 1)).requires_grad_(True) for w, m in zip(ws, ms)]
@@ -382,22 +402,20 @@ def test_autocast_runs_in_autocast_dtype():
 # block-sparse skipping
 # ----------------------------------------------------------------------------------------------------------------
 
-def brute_force_active_blocks(mask, tall):
-    """Counts blocks with any nonzero tap, by looping, per channel."""
+def brute_force_active_lines(mask, tall):
+    """Per channel, the lines (columns of a tall mask, rows of a wide one) with any nonzero tap, by looping."""
     C, _, kh, kw = mask.shape
-    bh, bw = block_shape(kh, kw)
-    counts = []
-    for c in range(C):
-        n = 0
-        for i in range(0, kh, bh):
-            for j in range(0, kw, bw):
-                n += bool((mask[c, 0, i:i + bh, j:j + bw] != 0).any())
-        counts.append(n)
-    return counts
+    return [[j for j in range(kw if tall else kh)
+             if bool(((mask[c, 0, :, j] if tall else mask[c, 0, j, :]) != 0).any())] for c in range(C)]
 
 
+@pytest.mark.parametrize("path", ["auto", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_scheduled_block_iterations_equal_active_blocks(density):
+def test_only_active_lines_are_computed(density, dtype, path):
+    """The line metadata list exactly the lines with an active tap; the kernels compute those lines and only
+    those: with every line marked inactive they do no work at all (zero output, zero gradient) even though the
+    folded weights are nonzero, and with the real metadata they match float64 autograd."""
     torch.manual_seed(7)
     C = 4
     wt = torch.randn(C, 1, 51, 5, device=DEV)
@@ -405,83 +423,111 @@ def test_scheduled_block_iterations_equal_active_blocks(density):
     mt, mw = rand_mask(wt, "block", density), rand_mask(ww, "block", density)
     meta_t, meta_w = op_mod.slot_metadata([wt, ww], [mt, mw])
     for meta, m, tall in ((meta_t, mt, True), (meta_w, mw, False)):
-        items, counts, tb = meta
-        expected = brute_force_active_blocks(m, tall)
-        assert counts.tolist() == expected
-        # the listed items are exactly the active blocks
-        nb = -(-51 // tb)
+        flags, items, counts = meta
+        expected = brute_force_active_lines(m, tall)
+        assert counts.tolist() == [len(e) for e in expected]
         for c in range(C):
-            listed = sorted(items[c, : counts[c]].tolist())
-            act = []
-            for s in range(5):
-                for bidx in range(nb):
-                    blk = m[c, 0, bidx * tb:(bidx + 1) * tb, s] if tall else m[c, 0, s, bidx * tb:(bidx + 1) * tb]
-                    if (blk != 0).any():
-                        act.append(s * nb + bidx)
-            assert listed == act
-    # the kernel's loop runs exactly counts[c] block iterations: with the counts zeroed it does no work at all
-    x = torch.randn(1, C, 9, 9, device=DEV)
+            assert items[c, : counts[c]].tolist() == expected[c]
+            assert [j for j, f in enumerate(flags[c].tolist()) if f] == expected[c]
+    x = torch.randn(2, C, 9, 9, device=DEV).to(dtype)
     y = torch.full_like(x, float("nan"))
-    wt_f, ww_f = op_mod.fold_branches([wt, ww], [mt, mw])
-    zero = (meta_t[0], torch.zeros_like(meta_t[1]), meta_t[2])
-    zero_w = (meta_w[0], torch.zeros_like(meta_w[1]), meta_w[2])
-    with TritonRan():
-        op_mod.launch_lk_conv2d_fwd(x, wt_f, ww_f, None, y, sparse_t=zero, sparse_w=zero_w)
-    assert torch.equal(y, torch.zeros_like(y))
-    with TritonRan():
-        op_mod.launch_lk_conv2d_fwd(x, wt_f, ww_f, None, y, sparse_t=meta_t, sparse_w=meta_w)
-    assert_close(y, reference64(x, [wt, ww], None, [mt, mw]), torch.float32, 510, "y")
-    # the weight-gradient kernel: no listed block, no work (zero gradient); listed blocks match autograd
-    dy = torch.randn_like(x)
-    with TritonRan("lk_conv2d_bwd_dw_kernel"):
-        gt0, gw0, _ = op_mod.launch_lk_conv2d_bwd_dw(x, dy, (51, 5), (5, 51), False, sparse_t=zero, sparse_w=zero_w)
-    assert torch.equal(gt0, torch.zeros_like(gt0)) and torch.equal(gw0, torch.zeros_like(gw0))
-    with TritonRan("lk_conv2d_bwd_dw_kernel"):
-        gt, gw, _ = op_mod.launch_lk_conv2d_bwd_dw(x, dy, (51, 5), (5, 51), False, sparse_t=meta_t, sparse_w=meta_w)
+    wt_f, ww_f = op_mod.fold_branches([wt.to(dtype), ww.to(dtype)], [None, None])   # nonzero everywhere
+    none_t = tuple(torch.zeros_like(t) for t in meta_t)
+    none_w = tuple(torch.zeros_like(t) for t in meta_w)
+    with kernel_path(path):
+        with TritonRan():
+            op_mod.launch_lk_conv2d_fwd(x, wt_f, ww_f, None, y, sparse_t=none_t, sparse_w=none_w)
+        assert torch.equal(y, torch.zeros_like(y))
+        wt_m, ww_m = op_mod.fold_branches([wt.to(dtype), ww.to(dtype)], [mt, mw])
+        with TritonRan():
+            op_mod.launch_lk_conv2d_fwd(x, wt_m, ww_m, None, y, sparse_t=meta_t, sparse_w=meta_w)
+        assert_close(y, reference64(x, [wt, ww], None, [mt, mw]), dtype, 510, "y")
+        dy = torch.randn_like(x)
+        with TritonRan("dw"):
+            gt0, gw0, _ = op_mod.launch_lk_conv2d_bwd_dw(x, dy, (51, 5), (5, 51), False, sparse_t=none_t,
+                                                         sparse_w=none_w)
+        assert torch.equal(gt0, torch.zeros_like(gt0)) and torch.equal(gw0, torch.zeros_like(gw0))
+        with TritonRan("dw"):
+            gt, gw, _ = op_mod.launch_lk_conv2d_bwd_dw(x, dy, (51, 5), (5, 51), False, sparse_t=meta_t,
+                                                       sparse_w=meta_w)
     wd = [wt.double().requires_grad_(True), ww.double().requires_grad_(True)]
     lk_conv2d_reference(x.double(), wd).backward(dy.double())
-    assert_close(gt * mt[:, 0], wd[0].grad[:, 0] * mt[:, 0], torch.float32, 81, "dW tall (active blocks)")
-    assert_close(gw * mw[:, 0], wd[1].grad[:, 0] * mw[:, 0], torch.float32, 81, "dW wide (active blocks)")
-    assert torch.equal(gt * (1 - mt[:, 0]), torch.zeros_like(gt)), "inactive blocks must get no work (zero)"
+    pix = 2 * 81
+    assert_close(gt * mt[:, 0], wd[0].grad[:, 0] * mt[:, 0], dtype, pix, "dW tall (active lines)")
+    assert_close(gw * mw[:, 0], wd[1].grad[:, 0] * mw[:, 0], dtype, pix, "dW wide (active lines)")
+    assert torch.equal(gt * (1 - mt[:, 0]), torch.zeros_like(gt)), "inactive lines must get no work (zero)"
+    assert torch.equal(gw * (1 - mw[:, 0]), torch.zeros_like(gw)), "inactive lines must get no work (zero)"
 
 
-@pytest.mark.parametrize("N, cfg", [
-    (3, dict(BH=16, BW=16, CK=16, NB=2)),   # N not a multiple of NB: the last program has a missing image
-    (5, dict(BH=16, BW=32, CK=32, NB=4)),
-    (2, dict(BH=32, BW=16, CK=16, NB=2)),
+@pytest.mark.parametrize("N, cfg, dtype", [
+    # tiled kernel (fp32): NB images per program
+    (3, dict(BH=16, BW=16, CK=16, NB=2), torch.float32),   # N not a multiple of NB: a missing image
+    (5, dict(BH=16, BW=32, CK=32, NB=4), torch.float32),
+    (2, dict(BH=32, BW=16, CK=16, NB=2), torch.float32),
+    # plane kernel (16-bit): NB images per dot, IMG per program
+    (3, dict(NB=2, IMG=2), torch.float16),                # the second program has one image, half a dot
+    (7, dict(NB=2, IMG=4), torch.bfloat16),
+    (5, dict(NB=4, IMG=8), torch.float16),                 # one program, the dot's last image missing
 ])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_several_images_per_program(N, cfg, flip, sparse):
+def test_several_images_per_program(N, cfg, dtype, flip, sparse):
     """The NB > 1 autotune configs (images side by side for the tall slot, stacked for the wide one) compute the
     same result, for the forward and the flipped (input-gradient) launch, dense and sparse."""
     torch.manual_seed(N * 10 + cfg["NB"])
     C = 2
-    x = torch.randn(N, C, 13, 11, device=DEV)
-    ws = [torch.randn(C, 1, 51, 5, device=DEV) / 16, torch.randn(C, 1, 5, 51, device=DEV) / 16,
-          torch.randn(C, 1, 5, 5, device=DEV) / 5]
+    x = torch.randn(N, C, 13, 11, device=DEV).to(dtype)
+    ws = [(torch.randn(C, 1, 51, 5, device=DEV) / 16).to(dtype), (torch.randn(C, 1, 5, 51, device=DEV) / 16).to(dtype),
+          (torch.randn(C, 1, 5, 5, device=DEV) / 5).to(dtype)]
     ms = [rand_mask(ws[0], "block", 0.5), rand_mask(ws[1], "element", 0.5), None] if sparse else [None] * 3
     meta_t, meta_w = op_mod.slot_metadata(ws, ms)
     wt, ww = op_mod.fold_branches(ws, ms)
-    b = None if flip else torch.randn(C, device=DEV)
+    b = None if flip else torch.randn(C, device=DEV).to(dtype)
     y = torch.full_like(x, float("nan"))
-    with TritonRan():
+    kernel = "lk_conv2d_plane_fwd_kernel" if "IMG" in cfg else "lk_conv2d_fwd_kernel"
+    with TritonRan(kernel):
         op_mod.launch_lk_conv2d_fwd(x, wt, ww, b, y, flip=flip, sparse_t=meta_t, sparse_w=meta_w,
                                     config=dict(cfg, num_warps=4, num_stages=1))
     if flip:
         ws = [w.flip(2, 3) for w in ws]
         ms = [m.flip(2, 3) if m is not None else None for m in ms]
-    assert_close(y, reference64(x, ws, b, ms), torch.float32, 535, "y")
+    assert_close(y, reference64(x, ws, b, ms), dtype, 535, "y")
+    if flip or "IMG" not in cfg:
+        return
+    # the plane weight-gradient kernel with NB images per dot, over programs of several images
+    dy = torch.randn_like(x)
+    with TritonRan("lk_conv2d_plane_dw_kernel"):
+        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
+                                                    sparse_t=meta_t, sparse_w=meta_w,
+                                                    config=dict(NB=cfg["NB"], num_warps=4, num_stages=1))
+    wd = [wt.detach().double().requires_grad_(True), ww.detach().double().requires_grad_(True)]
+    bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
+    lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())
+    on_t = meta_t[0][:, None, :] if meta_t is not None else 1
+    on_w = meta_w[0][:, :, None] if meta_w is not None else 1
+    assert_close(gt * on_t, wd[0].grad * on_t, dtype, N * 143, "dW tall")
+    assert_close(gw * on_w, wd[1].grad * on_w, dtype, N * 143, "dW wide")
+    assert_close(gb, bd.grad, dtype, N * 143, "db")
 
 
-def test_block_metadata_is_cached_until_the_mask_changes():
-    w = torch.randn(2, 1, 51, 5, device=DEV)
-    m = rand_mask(w, "block", 0.5)
-    a = op_mod.slot_metadata([w], [m])[0]
-    assert op_mod.slot_metadata([w], [m])[0] is a
-    m.mul_(0)
-    b = op_mod.slot_metadata([w], [m])[0]
-    assert b is not a and b[1].sum().item() == 0
+@pytest.mark.parametrize("how", ["inplace", "data"])
+def test_mask_changes_are_always_honoured(how):
+    """The active lines are derived from the masks on every call, so a mask changed in place (even through
+    ``.data``, which no version counter sees) changes the next output and gradient."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 2, 10, 9, device=DEV, requires_grad=True)
+    w = torch.randn(2, 1, 13, 5, device=DEV, requires_grad=True)
+    m = torch.ones(2, 1, 13, 5, device=DEV)
+    y1 = lk_conv2d(x, w, mask=m, backend="triton")
+    target = m.data if how == "data" else m
+    target[:, :, :, 1:3] = 0.0          # two lines off
+    target[1, :, :, 4] = 0.0
+    with TritonRan("fwd", "dw"):
+        y2 = lk_conv2d(x, w, mask=m, backend="triton")
+        y2.backward(torch.ones_like(y2))
+    assert not torch.allclose(y1, y2)
+    assert_close(y2, reference64(x, [w], None, [m]), torch.float32, 65, "y after the mask change")
+    assert torch.equal(w.grad * (1 - m), torch.zeros_like(w.grad))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -603,10 +649,13 @@ def _opcheck_cases():
     ww = torch.randn(2, 3, 13, device=DEV, requires_grad=True)
     b = torch.randn(2, device=DEV, requires_grad=True)
     mt = (torch.rand(2, 13, 3, device=DEV) < 0.5).float()
-    ti, tc, tb = op_mod.block_metadata(mt, True)
+    tl_, ti, tc = op_mod.line_metadata(mt, True)
+    none3 = (None, None, None)
     return [
-        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x, wt, ww, b, None, None, None, None, tb, False)),
-        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x, wt * mt, None, None, ti, tc, None, None, tb, False)),
+        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x, wt, ww, b, *none3, *none3, False)),
+        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x, wt * mt, None, None, tl_, ti, tc, *none3, False)),
+        (torch.ops.slak_triton.lk_conv2d_fwd.default, (x.bfloat16(), (wt * mt).bfloat16(), ww.bfloat16(), None, tl_,
+                                                       ti, tc, *none3, False, True)),
         (torch.ops.slak_triton.lk_conv2d_bwd_dw.default, (x.detach(), torch.randn(1, 2, 6, 7, device=DEV), 13, 3, 3, 13, True)),
     ]
 

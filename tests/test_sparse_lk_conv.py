@@ -297,13 +297,13 @@ def test_triton_forward_eval_and_fused_one_launch_each(gen, device):
     m.LoRA1.conv.weight_mask = (torch.rand(m.LoRA1.conv.weight.shape, generator=gen) < 0.6).float()
     x = torch.randn(1, C, 9, 10, generator=gen)
     ref = reference_forward(m, x)
-    n0 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    n0 = slak_triton.LAUNCH_COUNTS["fwd"]
     m.to(device)
     with torch.no_grad(), slak_triton.use_backend("triton"):
         y = m(x.to(device))
-        n1 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+        n1 = slak_triton.LAUNCH_COUNTS["fwd"]
         y_f = m.fuse()(x.to(device))
-    n2 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    n2 = slak_triton.LAUNCH_COUNTS["fwd"]
     assert n1 - n0 == 1 and n2 - n1 == 1
     assert rel_err(y, ref) < 1e-4
     assert rel_err(y_f, ref) < 1e-4
@@ -412,10 +412,10 @@ def test_lkconv2d_triton_path(gen, device):
     conv = nn.Conv2d(3, 3, 7, padding=3, groups=3)
     lk = LKConv2d.from_conv2d(conv).to(device)
     x = torch.randn(1, 3, 8, 9, generator=gen)
-    n0 = slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"]
+    n0 = slak_triton.LAUNCH_COUNTS["fwd"]
     with torch.no_grad(), slak_triton.use_backend("triton"):
         y = lk(x.to(device))
-    assert slak_triton.LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] == n0 + 1
+    assert slak_triton.LAUNCH_COUNTS["fwd"] == n0 + 1
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=3, groups=3)
     assert rel_err(y, ref) < 1e-4
 

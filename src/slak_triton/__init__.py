@@ -9,7 +9,6 @@ from . import models
 from .nn import LKConv2d, SparseLKConv, convert_depthwise
 from .ops import (
     LAUNCH_COUNTS,
-    TAPS_PER_BLOCK,
     block_shape,
     dense_weight_grad,
     interpreter_active,
@@ -26,7 +25,6 @@ __all__ = [
     "use_backend",
     "dense_weight_grad",
     "block_shape",
-    "TAPS_PER_BLOCK",
     "lk_conv2d_reference",
     "LAUNCH_COUNTS",
     "interpreter_active",

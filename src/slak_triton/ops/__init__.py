@@ -2,7 +2,6 @@
 
 from .lk_conv2d import (
     LAUNCH_COUNTS,
-    TAPS_PER_BLOCK,
     block_shape,
     dense_weight_grad,
     interpreter_active,
@@ -10,4 +9,4 @@ from .lk_conv2d import (
     use_backend,
 )
 
-__all__ = ["lk_conv2d", "use_backend", "dense_weight_grad", "block_shape", "TAPS_PER_BLOCK", "LAUNCH_COUNTS", "interpreter_active"]
+__all__ = ["lk_conv2d", "use_backend", "dense_weight_grad", "block_shape", "LAUNCH_COUNTS", "interpreter_active"]

@@ -1,16 +1,22 @@
-"""Compile-only checks of every kernel specialization the ops can launch, on machines without a GPU.
+"""Compile-only checks of every kernel launch the op makes, and its launch plan for the static performance model.
 
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs Triton's real compiler and ptxas
-(shipped in the Triton wheel) for a CUDA architecture, so compiler errors the interpreter cannot see show up here,
-and ``cuobjdump`` reports registers, spills (local memory) and the instruction mix.
+Both are built from the launchers' own descriptions (``fwd_launch_spec`` / ``dw_launch_spec`` in
+``slak_triton.ops.lk_conv2d``), so what is compiled and modelled here is what the op launches.
 
-Must run in a process where TRITON_INTERPRET is NOT set (kernels are compiled, not interpreted):
-``python -m slak_triton.ops.compile_check [--arch 90 80] [--sass]`` prints one line per specialization and exits
-non-zero on a failure or a spill.
+* ``python -m slak_triton.ops.compile_check [--arch 90 80] [--sass]``: ``triton.compile(ASTSource(...),
+  target=GPUTarget("cuda", arch, 32))`` runs Triton's compiler and ptxas (shipped in the Triton wheel) for a CUDA
+  architecture, with the argument specialisation Triton's JIT applies on a GPU (integers equal to 1 become
+  constants, multiples of 16 and 16-byte aligned pointers get divisibility hints); ``cuobjdump`` reports registers,
+  spills (local memory) and the instruction mix. Must run without TRITON_INTERPRET (kernels are compiled). Exits
+  non-zero on a compile failure or a spill of a default configuration.
+* ``launch_plans(kind, N, C, H, W, K, dtype, density)``: the launch plan that ``sass_model.py`` (the project's
+  GPU-free H100 model, ../shared/tools/README_sass_model.md) predicts from, for SLaK's slots (tall K x 5 with the
+  5 x 5 branch folded in, wide 5 x K) on an NCHW-contiguous input.
 """
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import subprocess
@@ -18,25 +24,23 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from slak_triton.kernels.lk_conv2d import (
-    lk_conv2d_bwd_dw_configs,
-    lk_conv2d_bwd_dw_default_config,
-    lk_conv2d_bwd_dw_derived,
-    lk_conv2d_bwd_dw_kernel,
-    lk_conv2d_default_config,
-    lk_conv2d_fwd_configs,
-    lk_conv2d_fwd_kernel,
-)
-from slak_triton.ops.lk_conv2d import TAPS_PER_BLOCK
+from slak_triton.ops.lk_conv2d import LaunchSpec, dw_launch_spec, fwd_launch_spec
 
 #: Stack bytes tolerated without calling it a spill (see main()).
 MINOR_STACK_BYTES = 8
+#: H100 SXM multiprocessors (the launchers size some grids from the device's count).
+SMS = 132
 
-_TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_TL = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+#: Triton element type of the tensor behind each pointer role ("data": x's dtype).
+_ROLE_TYPE = {"t_act": "i32", "w_act": "i32", "t_items": "i32", "t_count": "i32", "w_items": "i32",
+              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32"}
 
 #: Slot patterns the op produces: (name, (KH_T, KW_T), (KH_W, KW_W)); (0, 0) = slot absent.
 SLOT_PATTERNS = [
@@ -45,107 +49,204 @@ SLOT_PATTERNS = [
     ("square", (7, 7), (0, 0)),     # one square branch (e.g. a converted ConvNeXt dwconv)
     ("wide_only", (0, 0), (3, 31)),
 ]
+#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1) and a 16-padded one (stage 4), and the
+#: tiled kernels on a plane larger than ``PLANE_MAX``.
+PLANES = [(56, 56), (7, 7), (96, 96)]
 
 
 @dataclasses.dataclass
 class Spec:
-    kernel: str
-    dtype: str
-    pattern: str
-    variant: str
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
+    """One compilation: a launch (kernel and arguments) with one config."""
+    kernel: object
+    label: str
+    args: Dict[str, object]    # every argument: pointers as "ptr:<type>", the rest as passed
     num_warps: int
     num_stages: int
 
 
-def _fwd_spec(dtype, pattern, tall, wide, sparse, flip, bias, H=56, W=56) -> Spec:
-    kern = lk_conv2d_fwd_kernel
-    cfg = lk_conv2d_default_config(H, W, 4 if dtype == "float32" else 2)
-    const = dict(
-        KH_T=tall[0], KW_T=tall[1], KH_W=wide[0], KW_W=wide[1],
-        TB_T=TAPS_PER_BLOCK if sparse else 1, TB_W=TAPS_PER_BLOCK if sparse else 1,
-        SPARSE_T=sparse and tall[0] > 0, SPARSE_W=sparse and wide[0] > 0, HAS_BIAS=bias, FLIP=flip,
-        WIDE_IDX=False, DOT_PREC="tf32x3", DOT_UPCAST=False, BH=cfg["BH"], BW=cfg["BW"], CK=cfg["CK"],
-        NB=cfg.get("NB", 1),
-    )
-    sig = {}
-    for n in kern.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n in ("x_ptr", "wt_ptr", "ww_ptr", "b_ptr", "y_ptr"):
-            sig[n] = "*" + _TL_DTYPE[dtype]
-        elif n.endswith("_ptr"):
-            sig[n] = "*i32"
-        else:
-            sig[n] = "i32"
-    variant = ("flip" if flip else "fwd") + ("-sparse" if sparse else "-dense") + ("-bias" if bias else "")
-    variant += f"-{cfg['BH']}x{cfg['BW']}"
-    return Spec("lk_conv2d_fwd_kernel", dtype, pattern, variant, sig, const, cfg["num_warps"], cfg["num_stages"])
+def _contiguous_strides(N, C, H, W):
+    return (C * H * W, H * W, W, 1)
 
 
-def _dw_spec(dtype, pattern, tall, wide, bias, sparse=False, H=56, W=56) -> Spec:
-    kern = lk_conv2d_bwd_dw_kernel
-    cfg = lk_conv2d_bwd_dw_default_config(H, W, 4 if dtype == "float32" else 2)
-    tb = TAPS_PER_BLOCK if sparse else 1
-    const = dict(KH_T=tall[0], KW_T=tall[1], KH_W=wide[0], KW_W=wide[1], TB_T=tb, TB_W=tb,
-                 SPARSE_T=sparse and tall[0] > 0, SPARSE_W=sparse and wide[0] > 0, HAS_BIAS=bias, WIDE_IDX=False,
-                 DOT_PREC="tf32x3", DOT_UPCAST=False, BH=cfg["BH"], BW=cfg["BW"])
-    const.update({k: f(const) for k, f in lk_conv2d_bwd_dw_derived.items()})
-    sig = {}
-    for n in kern.arg_names:
-        if n in const:
-            sig[n] = "constexpr"
-        elif n in ("x_ptr", "dy_ptr"):
-            sig[n] = "*" + _TL_DTYPE[dtype]
-        elif n.endswith("items_ptr") or n.endswith("count_ptr"):
-            sig[n] = "*i32"
-        elif n.endswith("_ptr"):
-            sig[n] = "*fp32"
+def _slot_strides(shape):
+    return None if shape is None else (shape[0] * shape[1], shape[1], 1)
+
+
+def _nonzero(shape):
+    return shape if shape is not None and shape[0] else None
+
+
+def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True) -> LaunchSpec:
+    """The launcher's description of one call on an NCHW-contiguous x: kind 'fwd' (with ``bias``), 'dx' (FLIP) or
+    'dw'; tall / wide: (KH, KW) or None; sparse: line metadata passed for both slots."""
+    st = _contiguous_strides(N, C, H, W)
+    dt = _TORCH[dtype]
+    tall, wide = _nonzero(tall), _nonzero(wide)
+    if kind == "dw":
+        return dw_launch_spec(N, C, H, W, dt, st, st, tall, wide, need_bias=bias, sparse_t=sparse and tall is not None,
+                              sparse_w=sparse and wide is not None, items_strides=(tall[1] if tall else 0,
+                                                                                   wide[0] if wide else 0),
+                              sms=SMS)[0]
+    return fwd_launch_spec(N, C, H, W, dt, st, st, tall, _slot_strides(tall), wide, _slot_strides(wide),
+                           has_bias=bias and kind == "fwd", flip=kind == "dx",
+                           sparse_t=sparse and tall is not None, sparse_w=sparse and wide is not None,
+                           items_strides=(tall[1] if tall else 0, wide[0] if wide else 0))
+
+
+def launch_args(spec: LaunchSpec, dtype: str, config: dict) -> Dict[str, object]:
+    """Every kernel argument of ``spec`` with ``config``: pointers as 'ptr:<triton type>' (16-byte aligned)."""
+    ptrs = {n: "ptr:" + _ROLE_TYPE.get(role, _TL[dtype]) for n, role in spec.pointers.items()}
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return dict(ptrs, **spec.args, **meta)
+
+
+def _config_dict(c) -> dict:
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) if isinstance(c, triton.Config) else dict(c)
+
+
+def jit_signature(fn, vals):
+    """(signature, constexprs, attrs) as Triton's JIT specialises a launch with argument values ``vals``: declared
+    constexprs; integers equal to 1 become constants and multiples of 16 get a divisibility hint; booleans i1;
+    pointers ('ptr:<type>') are 16-byte aligned (divisibility hint)."""
+    sig, const, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        v = vals[name] if name in vals else param.default
+        if param.is_constexpr:
+            sig[name], const[name] = "constexpr", v
+        elif isinstance(v, str) and v.startswith("ptr:"):
+            sig[name] = "*" + v[4:]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name], const[name] = "constexpr", 1
+                continue
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
         else:
-            sig[n] = "i32"
-    variant = "dw" + ("-sparse" if sparse else "-dense") + ("-bias" if bias else "") + f"-{cfg['BH']}x{cfg['BW']}"
-    return Spec("lk_conv2d_bwd_dw_kernel", dtype, pattern, variant, sig, const,
-                cfg["num_warps"], cfg["num_stages"])
+            raise TypeError(f"{fn.__name__}: argument {name}={v!r} has no Triton type")
+    return sig, const, attrs
 
 
 def specializations() -> List[Spec]:
-    """Every (kernel, dtype, slot pattern, variant) the op launches with its default configs: 32x32 tiles for
-    planes over 16 pixels, and 16x16 tiles for small planes (SLaK's 7x7 stage, pattern slak13)."""
+    """Every launch the op makes with its default configs (used without autotuning): dtypes x slot patterns x
+    planes (plane and tiled kernels) x {forward, forward sparse, input gradient (dense, sparse), weight gradient
+    (dense, sparse)}. Each must compile without spills for sm_90 and sm_80."""
     specs = []
     for dtype in ("float16", "bfloat16", "float32"):
         for name, tall, wide in SLOT_PATTERNS:
-            sizes = [(56, 56)] + ([(7, 7)] if name == "slak13" else [])
-            for H, W in sizes:
-                for sparse in (False, True):
-                    for flip in (False, True):
-                        specs.append(_fwd_spec(dtype, name, tall, wide, sparse, flip, bias=not flip, H=H, W=W))
-                for sparse in (False, True):
-                    specs.append(_dw_spec(dtype, name, tall, wide, bias=True, sparse=sparse, H=H, W=W))
+            for H, W in PLANES:
+                if name != "slak51" and (H, W) == (96, 96) and dtype != "float32":
+                    continue   # the tiled kernels' slot patterns are covered by slak51 and fp32
+                for kind in ("fwd", "dx", "dw"):
+                    for sparse in (False, True):
+                        ls = spec_for(kind, 2, 3, H, W, tall, wide, dtype, sparse)
+                        cfg = dict(ls.default)
+                        label = f"{ls.name} {dtype} {name} {H}x{W} {kind}{'-sparse' if sparse else ''} " + \
+                            ",".join(f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
+                            f",w{cfg['num_warps']}"
+                        specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg), cfg["num_warps"],
+                                          cfg["num_stages"]))
     return specs
 
 
 def autotune_specializations() -> List[Spec]:
-    """Every autotune config of both kernels at SLaK's stage-1 pattern (dense forward and dW), per dtype: the
-    autotuner may launch any of them on a GPU, so each must compile (spills are reported, not fatal: the autotuner
-    times them)."""
+    """Every autotune config of every kernel at SLaK-T stage 1 and stage 4 (batch 64, dense, forward and weight
+    gradient), per dtype: the autotuner may launch any of them on a GPU, so each must compile (spills are
+    reported, not fatal: the autotuner times them)."""
     specs = []
     for dtype in ("float16", "bfloat16", "float32"):
-        for cfg in lk_conv2d_fwd_configs():
-            s = _fwd_spec(dtype, "slak51", (51, 5), (5, 51), sparse=False, flip=False, bias=True)
-            s.constexprs.update(cfg.kwargs)
-            s.num_warps, s.num_stages = cfg.num_warps, cfg.num_stages
-            s.variant = "autotune-" + "-".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + f"-w{cfg.num_warps}"
-            specs.append(s)
-        for cfg in lk_conv2d_bwd_dw_configs():
-            s = _dw_spec(dtype, "slak51", (51, 5), (5, 51), bias=True)
-            s.constexprs.update(cfg.kwargs)
-            s.constexprs.update({k: f(s.constexprs) for k, f in lk_conv2d_bwd_dw_derived.items()})
-            s.num_warps, s.num_stages = cfg.num_warps, cfg.num_stages
-            s.variant = "autotune-" + "-".join(f"{k}{v}" for k, v in cfg.kwargs.items()) + f"-w{cfg.num_warps}"
-            specs.append(s)
+        for H, K, C in ((56, 51, 124), (7, 13, 998)):
+            for kind in ("fwd", "dw"):
+                ls = spec_for(kind, 64, C, H, H, (K, 5), (5, K), dtype, False)
+                for c in ls.configs:
+                    cfg = _config_dict(c)
+                    label = f"{ls.name} {dtype} {H}x{H} {kind} autotune " + ",".join(
+                        f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
+                        f",w{cfg['num_warps']}"
+                    specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg), cfg["num_warps"],
+                                      cfg["num_stages"]))
     return specs
 
+
+# ------------------------------------------------------------------------------------------------------------
+# launch plan (sass_model)
+# ------------------------------------------------------------------------------------------------------------
+
+def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: int) -> Dict[str, float]:
+    """Trip count of every loop of ``ls``'s kernel (per program, per enclosing iteration; means where programs
+    differ): ``lines`` is the fraction of active lines (1 when dense)."""
+    name = ls.name
+    if name == "lk_conv2d_plane_fwd_kernel":
+        img = cfg["IMG"]
+        groups = math.ceil(N / img)
+        per = [min(img, N - g * img) for g in range(groups)]      # images of each program's group
+        return {f"{name}.n0": sum(math.ceil(p / cfg["NB"]) for p in per) / groups,
+                f"{name}._t": lines, f"{name}._w": lines}
+    if name == "lk_conv2d_plane_dw_kernel":
+        img = ls.args["imgs_per_prog"]
+        groups = math.ceil(N / img)
+        per = [min(img, N - g * img) for g in range(groups)]
+        n0 = sum(math.ceil(p / cfg["NB"]) for p in per) / groups
+        # passes of LG lines over the images (tall, then wide); the line loops (0/1 trips) nest in them
+        return {"_dw_tall_pass.n0": n0, "_dw_wide_pass.n0": n0, "_dw_tall_pass._t": lines,
+                "_dw_wide_pass._w": lines}
+    if name == "lk_conv2d_fwd_kernel":
+        # a run covers a whole line (K taps): BH + K - 1 input rows (BW + K - 1 columns), CK per tl.dot
+        t = {"_tall_run.q": math.ceil((cfg["BH"] + K - 1) / cfg["CK"]),
+             "_wide_run.q": math.ceil((cfg["BW"] + K - 1) / cfg["CK"])}
+        if ls.args["SPARSE_T"]:   # one run per active line: tall ("it"), wide ("it#2")
+            t.update({f"{name}.it": 5 * lines, f"{name}.it#2": 5 * lines})
+        else:
+            t.update({f"{name}.j": 5, f"{name}.i": 5})
+        return t
+    if name == "lk_conv2d_bwd_dw_kernel":
+        tiles = math.ceil(H / cfg["BH"]) * math.ceil(W / cfg["BW"])
+        t = {f"{name}.it": N * tiles / ls.args["n_splits"]}
+        if ls.args["SPARSE_T"]:
+            t.update({f"{name}.q": 5 * lines, f"{name}.q#2": 5 * lines})
+        else:
+            t.update({f"{name}.j": 5, f"{name}.i": 5})
+        return t
+    raise KeyError(f"no trip counts for {name}")
+
+
+def launch_plans(kind, N, C, H, W, K, dtype, density):
+    """Candidates (one per autotune config) of one call of the op on x [N, C, H, W] (NCHW contiguous) with SLaK's
+    slots, tall K x 5 (the 5 x 5 branch folded in) and wide 5 x K, as ``sass_model.py predict --plan
+    slak_triton.ops.compile_check:launch_plans`` reads them. kind: 'fwd' (with bias), 'dx' (input gradient) or
+    'dw' (weight and bias gradients); density < 1: a line-sparse call in which that fraction of each slot's lines
+    is active (expected trip counts). Each candidate lists the op's launches: one kernel (the per-call line
+    metadata are a few tensor ops on [C, K, 5] masks, and dW's fixed-order sum of its S x C x 2 x 5K fp32 partials
+    reads under 1 MB: both left out)."""
+    eb = 4 if dtype == "float32" else 2
+    ls = spec_for(kind, N, C, H, W, (K, 5), (5, K), dtype, density < 1)
+    plans = []
+    for c in ls.configs:
+        cfg = _config_dict(c)
+        launch = {"kernel": ls.kernel, "args": launch_args(ls, dtype, cfg), "num_warps": cfg["num_warps"],
+                  "num_stages": cfg["num_stages"], "trips": _trips(ls, cfg, N, H, W, density, K),
+                  "programs": math.prod(ls.grid(cfg)),
+                  # compulsory DRAM traffic: x read and y written once (dW: x and dy read)
+                  "dram_bytes": 2 * N * C * H * W * eb}
+        plans.append({"config": {k: v for k, v in cfg.items() if k not in lk_derived_keys(ls)},
+                      "launches": [launch], "torch_bytes": 0, "pixels": N * C * H * W})
+    return plans
+
+
+def lk_derived_keys(ls: LaunchSpec):
+    """Config keys derived from others (the tiled weight-gradient kernel's window sizes): left out of labels."""
+    return ("RT", "KPT", "KWPT", "RW", "KPW", "KHPW", "RBT", "TBPT", "RBW", "TBPW") \
+        if ls.name == "lk_conv2d_bwd_dw_kernel" else ()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compile
+# ------------------------------------------------------------------------------------------------------------
 
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -153,8 +254,8 @@ def _cuobjdump() -> str:
 
 def compile_spec(spec: Spec, arch: int, sass: bool = False) -> Dict[str, object]:
     """Compiles one specialization for ``sm_<arch>``; returns registers, local-memory bytes and instruction counts."""
-    kern = lk_conv2d_fwd_kernel if spec.kernel == "lk_conv2d_fwd_kernel" else lk_conv2d_bwd_dw_kernel
-    src = ASTSource(fn=kern, signature=spec.signature, constexprs=spec.constexprs)
+    sig, const, attrs = jit_signature(spec.kernel, spec.args)
+    src = ASTSource(fn=spec.kernel, signature=sig, constexprs=const, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                         options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     with tempfile.TemporaryDirectory() as d:
@@ -178,25 +279,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     ap.add_argument("--sass", action="store_true", help="also count matrix/FMA/load instructions")
-    ap.add_argument("--filter", default="", help="substring of 'kernel dtype pattern variant' to select")
+    ap.add_argument("--filter", default="", help="substring of the label ('kernel dtype pattern plane kind ...')")
     ap.add_argument("--autotune-configs", action="store_true",
-                    help="compile every autotune config (stage-1 pattern) instead of the default specializations; "
-                         "spills are reported but only compile failures fail")
+                    help="compile every autotune config (SLaK-T stages 1 and 4) instead of the default "
+                         "specializations; spills are reported but only compile failures fail")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (kernels must be compiled, not interpreted)", file=sys.stderr)
         return 2
     bad = 0
     for spec in (autotune_specializations() if args.autotune_configs else specializations()):
-        label = f"{spec.kernel} {spec.dtype} {spec.pattern} {spec.variant}"
-        if args.filter not in label:
+        if args.filter not in spec.label:
             continue
         for arch in args.arch:
             try:
                 r = compile_spec(spec, arch, sass=args.sass)
             except Exception as e:  # noqa: BLE001 - report every failing specialization, not just the first
                 bad += 1
-                print(f"FAIL sm_{arch} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                print(f"FAIL sm_{arch} {spec.label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
                 continue
             # One 8-byte slot (a single register parked across a loop by ptxas, seen at 64-80 registers, i.e. not
             # register pressure) is reported as "minor"; any larger frame or local array is a spill and fails.
@@ -204,7 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             minor = not spill and r["stack"] > 0
             bad += spill and not args.autotune_configs
             status = "SPILL" if spill else ("minor" if minor else "ok")
-            print(f"{status} sm_{arch} {label}: regs={r['registers']} local={r['local']} "
+            print(f"{status} sm_{arch} {spec.label}: regs={r['registers']} local={r['local']} "
                   f"stack={r['stack']} shared={r['shared']}" + (f" sass={r['sass']}" if "sass" in r else ""),
                   flush=True)
     return 1 if bad else 0

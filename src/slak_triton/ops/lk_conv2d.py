@@ -12,6 +12,7 @@ ops, so each branch's weight gradient is the matching slice of its slot's gradie
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -31,6 +32,13 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_default_config,
     lk_conv2d_fwd_configs,
     lk_conv2d_fwd_kernel,
+    lk_conv2d_plane_configs,
+    lk_conv2d_plane_default_config,
+    lk_conv2d_plane_dw_configs,
+    lk_conv2d_plane_dw_default_config,
+    lk_conv2d_plane_dw_kernel,
+    lk_conv2d_plane_fwd_kernel,
+    plane_pad,
 )
 from slak_triton.reference import apply_mask, lk_conv2d_reference
 
@@ -39,7 +47,6 @@ __all__ = [
     "use_backend",
     "dense_weight_grad",
     "block_shape",
-    "TAPS_PER_BLOCK",
     "BACKENDS",
     "MAX_KERNEL_SIZE",
     "LAUNCH_COUNTS",
@@ -49,19 +56,19 @@ __all__ = [
     "launch_lk_conv2d_bwd_dw",
     "lk_conv2d_fwd_op",
     "lk_conv2d_bwd_dw_op",
-    "block_metadata",
+    "line_metadata",
     "slot_metadata",
+    "use_plane_kernels",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
-#: Taps per sparsity block along a kernel's long axis (see ``block_shape``).
-TAPS_PER_BLOCK = 32
 MAX_KERNEL_SIZE = 63
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 
-#: Kernel launches per kernel name, counted on every Triton launch (compiled or interpreted). Tests read it to
-#: prove that the Triton path ran and not the reference.
+#: Kernel launches, counted on every Triton launch (compiled or interpreted), per kernel name and per op stage:
+#: "fwd" (a forward or input-gradient kernel) and "dw" (a weight-gradient kernel). Tests read it to prove that the
+#: Triton path ran and not the reference.
 LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
 
 WeightArg = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -145,18 +152,21 @@ def fp32_precision() -> str:
 
 
 def block_shape(kh: int, kw: int) -> Tuple[int, int]:
-    """The unit of block sparsity the kernels skip, for a [kh, kw] depthwise kernel of one channel.
+    """The unit of block sparsity the kernels skip, for a [kh, kw] depthwise kernel of one channel: one *line*,
+    all taps of the kernel's long axis at one position of its short axis: (kh, 1) when kh >= kw (a column of a
+    tall kernel), else (1, kw) (a row of a wide kernel).
 
-    A block is a run of up to ``TAPS_PER_BLOCK`` consecutive taps along the kernel's long axis at one position of
-    its short axis (blocks start at tap 0; the last one may be shorter): (min(32, kh), 1) when kh >= kw (tall),
-    else (1, min(32, kw)) (wide). A mask whose blocks are all-ones or all-zeros makes the kernels do work in
-    proportion to the active blocks; any other mask is still exact, at the cost of its blocks' union."""
+    Why whole lines: the kernels compute a line as Toeplitz matrix products along the long axis over whole planes
+    (or tall tiles), so a line's cost does not shrink with fewer active taps, and skipping a whole line saves its
+    input loads and its matrix products (time about proportional to the active lines). A mask whose lines are
+    all-ones or all-zeros makes the kernels do work in proportion to the active lines; any other mask is still
+    exact, at the cost of its lines' union."""
     for name, k in (("kh", kh), ("kw", kw)):
-        if not isinstance(k, int) or k < 1 or k % 2 == 0 or k > MAX_KERNEL_SIZE:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 or k > MAX_KERNEL_SIZE:
             raise ValueError(f"{name}: expected an odd int in 1..{MAX_KERNEL_SIZE}, got {k!r}")
     if kh >= kw:
-        return (min(TAPS_PER_BLOCK, kh), 1)
-    return (1, min(TAPS_PER_BLOCK, kw))
+        return (kh, 1)
+    return (1, kw)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,20 +318,200 @@ def fold_branches(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# launcher
+# launchers
 # --------------------------------------------------------------------------------------------------------------
+
+#: Planes with H and W up to this size run on the plane kernels (a whole plane per tile); larger ones are tiled.
+PLANE_MAX = 64
+#: Shared memory a plane-kernel program may spend on its channel's Toeplitz operands (one [B, B] matrix per line).
+PLANE_TOEPLITZ_BYTES = 96 * 1024
+
+
+def use_plane_kernels(H: int, W: int, lines_t: int, lines_w: int, elem_bytes: int) -> bool:
+    """Whether a call runs on the plane kernels: planes up to ``PLANE_MAX`` x ``PLANE_MAX``, 16-bit data (fp32
+    stays on the tiled kernels: its Toeplitz operands would not fit next to tf32x3's operand splits), and the
+    channel's Toeplitz operands (``lines_t`` tall and ``lines_w`` wide lines) within ``PLANE_TOEPLITZ_BYTES``."""
+    if max(H, W) > PLANE_MAX or elem_bytes > 2:
+        return False
+    bh, bw = plane_pad(H), plane_pad(W)
+    return (lines_t * bh * bh + lines_w * bw * bw) * elem_bytes <= PLANE_TOEPLITZ_BYTES
+
+
+def _plane_align(W: int, elem_bytes: int, *strides: Sequence[int]) -> int:
+    """ALIGN of the plane kernels: the largest power of two (up to a 16-byte vector) of elements dividing W and
+    the image, channel and row strides of every tensor, when each has unit column stride (else 1). Base pointers
+    need no check: Triton's JIT specialises on their 16-byte alignment itself."""
+    if any(st[3] != 1 for st in strides):
+        return 1
+    vals = [W] + [st[d] for st in strides for d in range(3)]
+    a = 16 // elem_bytes
+    while a > 1 and any(v % a for v in vals):
+        a //= 2
+    return a
+
+
+def _wide_idx(plane: Tuple[int, int], strides: Sequence[int]) -> bool:
+    """In-plane offsets (including the halo a masked load may point at) reach 2**31."""
+    pad = 2 * MAX_KERNEL_SIZE + 256
+    return (plane[0] + pad) * abs(strides[2]) + (plane[1] + pad) * abs(strides[3]) >= 2**31
+
+
+def _slot_shapes(wt: Optional[torch.Tensor], ww: Optional[torch.Tensor]):
+    KH_T, KW_T = (wt.shape[1], wt.shape[2]) if wt is not None else (0, 0)
+    KH_W, KW_W = (ww.shape[1], ww.shape[2]) if ww is not None else (0, 0)
+    return KH_T, KW_T, KH_W, KW_W
+
+
+@dataclasses.dataclass
+class LaunchSpec:
+    """One kernel launch as the launchers make it, without tensors: the single description used by the launchers,
+    the static model's launch plan and the compile-only check (``slak_triton.ops.compile_check``).
+
+    kernel: the @triton.jit function; tuned: its autotuner (None: not autotuned); args: every non-pointer
+    argument (sizes, strides, constexprs); pointers: {argument: role}, the role naming the tensor the launcher
+    passes ("x", "y", "dy", "wt", "ww", "bias", "t_act", ... or "dummy" for an operand that is never read);
+    configs: the autotune candidates (triton.Config); default: the config used without autotuning;
+    grid: meta -> grid tuple; kind: "fwd" (forward or input gradient) or "dw"."""
+    name: str
+    kind: str
+    kernel: object
+    tuned: object
+    args: dict
+    pointers: dict
+    configs: list
+    default: dict
+    grid: object
+
+
+def _elem_bytes(dtype) -> int:
+    return {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}[dtype]
+
+
+def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_strides, ww_shape, ww_strides, *,
+                    has_bias, flip, sparse_t, sparse_w, items_strides=(0, 0), interpreter=False) -> LaunchSpec:
+    """The forward / input-gradient launch for x [N, C, H, W] of ``dtype`` with the given strides, slot weights
+    [C, KH, KW] (shape None: slot absent) and whether each slot is sparse (line metadata given)."""
+    eb = _elem_bytes(dtype)
+    KH_T, KW_T = wt_shape if wt_shape is not None else (0, 0)
+    KH_W, KW_W = ww_shape if ww_shape is not None else (0, 0)
+    wts, wws = wt_strides or (0, 0, 0), ww_strides or (0, 0, 0)
+    args = dict(
+        N=N, C=C, H=H, W=W,
+        sxn=x_strides[0], sxc=x_strides[1], sxh=x_strides[2], sxw=x_strides[3],
+        syn=y_strides[0], syc=y_strides[1], syh=y_strides[2], syw=y_strides[3],
+        swt_c=wts[0], swt_h=wts[1], swt_w=wts[2], sww_c=wws[0], sww_h=wws[1], sww_w=wws[2],
+        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, SPARSE_T=sparse_t, SPARSE_W=sparse_w,
+        HAS_BIAS=has_bias, FLIP=flip,
+        WIDE_IDX=_wide_idx((H, W), x_strides) or _wide_idx((H, W), y_strides),
+        DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter and dtype == torch.bfloat16,
+    )
+    pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
+                    b_ptr="bias" if has_bias else "dummy", y_ptr="y")
+    if use_plane_kernels(H, W, KW_T, KH_W, eb):
+        args.update(ALIGN=_plane_align(W, eb, x_strides, y_strides), BH=plane_pad(H), BW=plane_pad(W))
+        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
+        return LaunchSpec("lk_conv2d_plane_fwd_kernel", "fwd", lk_conv2d_plane_fwd_kernel, _plane_fwd_autotuned, args,
+                          pointers, lk_conv2d_plane_configs(), lk_conv2d_plane_default_config(H, W, eb),
+                          lambda meta: (C * triton.cdiv(N, meta["IMG"]),))
+    # tiled kernel: one block per line (its item lists), TB = the slot's long axis
+    args.update(st_items=items_strides[0], sw_items=items_strides[1],
+                TB_T=KH_T if sparse_t else 1, TB_W=KW_W if sparse_w else 1)
+    pointers.update(t_items_ptr="t_items" if sparse_t else "dummy", t_count_ptr="t_count" if sparse_t else "dummy",
+                    w_items_ptr="w_items" if sparse_w else "dummy", w_count_ptr="w_count" if sparse_w else "dummy")
+    return LaunchSpec("lk_conv2d_fwd_kernel", "fwd", lk_conv2d_fwd_kernel, _fwd_autotuned, args, pointers,
+                      lk_conv2d_fwd_configs(), lk_conv2d_default_config(H, W, eb),
+                      lambda meta: (triton.cdiv(N, meta.get("NB", 1)) * C * triton.cdiv(H, meta["BH"])
+                                    * triton.cdiv(W, meta["BW"]),))
+
+
+def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_shape, *, need_bias, sparse_t,
+                   sparse_w, items_strides=(0, 0), sms=132, interpreter=False) -> Tuple[LaunchSpec, int]:
+    """The weight-gradient launch and its number of partial slices S (the launcher sums them in a fixed order)."""
+    eb = _elem_bytes(dtype)
+    KH_T, KW_T = tall_shape if tall_shape is not None else (0, 0)
+    KH_W, KW_W = wide_shape if wide_shape is not None else (0, 0)
+    sparse_t, sparse_w = sparse_t and KH_T > 0, sparse_w and KH_W > 0
+    args = dict(
+        N=N, C=C, H=H, W=W,
+        sxn=x_strides[0], sxc=x_strides[1], sxh=x_strides[2], sxw=x_strides[3],
+        sdn=dy_strides[0], sdc=dy_strides[1], sdh=dy_strides[2], sdw=dy_strides[3],
+        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, SPARSE_T=sparse_t, SPARSE_W=sparse_w, HAS_BIAS=need_bias,
+        WIDE_IDX=_wide_idx((H, W), x_strides) or _wide_idx((H, W), dy_strides),
+        DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter and dtype == torch.bfloat16,
+    )
+    pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
+                    db_ptr="db" if need_bias else "dummy")
+    if use_plane_kernels(H, W, KW_T, KH_W, eb):
+        img = plane_dw_images_per_program(N, C, sms)
+        splits = triton.cdiv(N, img)
+        args.update(imgs_per_prog=img, ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
+                    BW=plane_pad(W), LG=plane_dw_line_group(H, W), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
+                    KPW=triton.next_power_of_2(KW_W) if KW_W else 1)
+        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
+        return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
+                          pointers, lk_conv2d_plane_dw_configs(), lk_conv2d_plane_dw_default_config(H, W, eb),
+                          lambda meta: (C * splits,)), splits
+    # tiled: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile
+    splits = max(1, min(N * triton.cdiv(H, 16) * triton.cdiv(W, 16), triton.cdiv(4 * sms, C)))
+    tb_t, tb_w = (KH_T if sparse_t else 1), (KW_W if sparse_w else 1)
+    args.update(n_splits=splits, st_items=items_strides[0], sw_items=items_strides[1], TB_T=tb_t, TB_W=tb_w)
+    pointers.update(t_items_ptr="t_items" if sparse_t else "dummy", t_count_ptr="t_count" if sparse_t else "dummy",
+                    w_items_ptr="w_items" if sparse_w else "dummy", w_count_ptr="w_count" if sparse_w else "dummy")
+    slots = dict(KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w)
+    # the window sizes derived from the tile and kernel sizes are baked into each config
+    configs = [triton.Config(dict(c.kwargs, **_dw_derived(c.kwargs, slots)), num_warps=c.num_warps,
+                             num_stages=c.num_stages) for c in lk_conv2d_bwd_dw_configs()]
+    default = lk_conv2d_bwd_dw_default_config(H, W, eb)
+    default = dict(default, **_dw_derived({k: default[k] for k in ("BH", "BW")}, slots))
+    return LaunchSpec("lk_conv2d_bwd_dw_kernel", "dw", lk_conv2d_bwd_dw_kernel, _dw_tuner(slots, configs), args, pointers,
+                      configs, default, lambda meta: (C, splits)), splits
+
+
+def _run(spec: LaunchSpec, tensors: dict, config: Optional[dict]) -> None:
+    """Launches ``spec`` with its pointer arguments taken from ``tensors`` by role (autotuned unless a config is
+    given or autotuning is off)."""
+    ptrs = {name: tensors[role] for name, role in spec.pointers.items()}
+    if config is None and _autotune_enabled():
+        wrap_triton(spec.tuned)[spec.grid](**ptrs, **spec.args)
+    else:
+        cfg = dict(config) if config is not None else dict(spec.default)
+        wrap_triton(spec.kernel)[spec.grid(cfg)](**ptrs, **spec.args, **cfg)
+    LAUNCH_COUNTS[spec.name] += 1
+    LAUNCH_COUNTS[spec.kind] += 1
+
 
 _fwd_autotuned = triton.autotune(
     configs=lk_conv2d_fwd_configs(),
     key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP"],
 )(lk_conv2d_fwd_kernel)
 
+_plane_fwd_autotuned = triton.autotune(
+    configs=lk_conv2d_plane_configs(),
+    key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP", "ALIGN"],
+)(lk_conv2d_plane_fwd_kernel)
 
-def _needs_wide_idx(t: torch.Tensor) -> bool:
-    """In-plane offsets (including the halo a masked load may point at) reach 2**31."""
-    H, W = t.shape[-2:]
-    pad = 2 * MAX_KERNEL_SIZE + 256
-    return (H + pad) * abs(t.stride(2)) + (W + pad) * abs(t.stride(3)) >= 2**31
+_plane_dw_autotuned = triton.autotune(
+    configs=lk_conv2d_plane_dw_configs(),
+    key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"],
+)(lk_conv2d_plane_dw_kernel)
+
+_DW_TUNERS: dict = {}
+
+
+def _dw_derived(cfg: dict, slots: dict) -> dict:
+    both = dict(cfg, **slots)
+    return {k: f(both) for k, f in lk_conv2d_bwd_dw_derived.items()}
+
+
+def _dw_tuner(slots: dict, configs: list):
+    """One autotuner of the tiled weight-gradient kernel per slot pattern: the derived meta-parameters (window
+    sizes) depend on the tile and the kernel sizes, so they are baked into each config (torch.compile traces
+    autotuners, not heuristics)."""
+    key = tuple(sorted(slots.items()))
+    if key not in _DW_TUNERS:
+        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T",
+                                                                "SPARSE_W"])(lk_conv2d_bwd_dw_kernel)
+    return _DW_TUNERS[key]
 
 
 def launch_lk_conv2d_fwd(
@@ -332,55 +522,35 @@ def launch_lk_conv2d_fwd(
     out: torch.Tensor,
     *,
     flip: bool = False,
-    sparse_t=None,
-    sparse_w=None,
+    sparse_t: "Optional[SlotMeta]" = None,
+    sparse_w: "Optional[SlotMeta]" = None,
     config: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Launches ``lk_conv2d_fwd_kernel``: ``out = conv(x, tall) + conv(x, wide) (+ bias)``.
+    """``out = conv(x, tall) + conv(x, wide) (+ bias)``: the plane kernel where ``use_plane_kernels`` says so,
+    else the tiled kernel (``fwd_launch_spec``).
 
     x, out: [N, C, H, W] of one dtype, any strides; wt: [C, KH_T, KW_T] or None; ww: [C, KH_W, KW_W] or None;
     bias: [C] or None. ``flip`` correlates with the kernels rotated by 180 degrees (the input gradient).
-    sparse_t / sparse_w: None (dense) or (items [C, n] int32, counts [C] int32, taps_per_block) block lists.
-    config: an explicit {BH, BW, CK, NB, num_warps, num_stages} (tests, tuning); default: autotuned on CUDA, the
-    default config elsewhere.
+    sparse_t / sparse_w: None (dense) or the slot's ``line_metadata``: only active lines are computed.
+    config: explicit meta-parameters (tests, tuning; plane: {NB, IMG, num_warps, num_stages}, tiled: {BH, BW,
+    CK, NB, num_warps, num_stages}); default: autotuned on CUDA, the default config elsewhere.
     """
     N, C, H, W = x.shape
     if N == 0 or _tracing_only(x):
         return out
-    dummy = x  # any tensor: pointers of absent operands are never read
-    KH_T, KW_T = (wt.shape[1], wt.shape[2]) if wt is not None else (0, 0)
-    KH_W, KW_W = (ww.shape[1], ww.shape[2]) if ww is not None else (0, 0)
-    wts = wt.stride() if wt is not None else (0, 0, 0)
-    wws = ww.stride() if ww is not None else (0, 0, 0)
-    t_items, t_count, tb_t = sparse_t if sparse_t is not None else (dummy, dummy, 1)
-    w_items, w_count, tb_w = sparse_w if sparse_w is not None else (dummy, dummy, 1)
-    args = dict(
-        x_ptr=x, wt_ptr=wt if wt is not None else dummy, ww_ptr=ww if ww is not None else dummy,
-        b_ptr=bias if bias is not None else dummy, y_ptr=out,
-        t_items_ptr=t_items, t_count_ptr=t_count, w_items_ptr=w_items, w_count_ptr=w_count,
-        N=N, C=C, H=H, W=W,
-        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        syn=out.stride(0), syc=out.stride(1), syh=out.stride(2), syw=out.stride(3),
-        swt_c=wts[0], swt_h=wts[1], swt_w=wts[2],
-        sww_c=wws[0], sww_h=wws[1], sww_w=wws[2],
-        st_items=t_items.stride(0) if sparse_t is not None else 0,
-        sw_items=w_items.stride(0) if sparse_w is not None else 0,
-        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w,
-        SPARSE_T=sparse_t is not None, SPARSE_W=sparse_w is not None,
-        HAS_BIAS=bias is not None, FLIP=flip,
-        WIDE_IDX=_needs_wide_idx(x) or _needs_wide_idx(out),
-        DOT_PREC=fp32_precision(),
-        DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
-    )
-    if config is None and _autotune_enabled():
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(N, meta.get("NB", 1)) * C * triton.cdiv(H, meta["BH"]) * triton.cdiv(W, meta["BW"]),)
-        wrap_triton(_fwd_autotuned)[grid](**args)
-    else:
-        cfg = dict(config) if config is not None else lk_conv2d_default_config(H, W, x.element_size())
-        grid = (triton.cdiv(N, cfg.get("NB", 1)) * C * triton.cdiv(H, cfg["BH"]) * triton.cdiv(W, cfg["BW"]),)
-        wrap_triton(lk_conv2d_fwd_kernel)[grid](**args, **cfg)
-    LAUNCH_COUNTS["lk_conv2d_fwd_kernel"] += 1
+    spec = fwd_launch_spec(
+        N, C, H, W, x.dtype, x.stride(), out.stride(), wt.shape[1:] if wt is not None else None,
+        wt.stride() if wt is not None else None, ww.shape[1:] if ww is not None else None,
+        ww.stride() if ww is not None else None, has_bias=bias is not None, flip=flip,
+        sparse_t=sparse_t is not None, sparse_w=sparse_w is not None,
+        items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
+                       sparse_w[1].stride(0) if sparse_w is not None else 0),
+        interpreter=interpreter_active())
+    tensors = dict(x=x, y=out, wt=wt, ww=ww, bias=bias, dummy=x)
+    for tag, meta in (("t", sparse_t), ("w", sparse_w)):
+        if meta is not None:
+            tensors.update({f"{tag}_act": meta[0], f"{tag}_items": meta[1], f"{tag}_count": meta[2]})
+    _run(spec, tensors, config)
     return out
 
 
@@ -395,31 +565,29 @@ def _new_empty(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.empty(*shape, device=device, dtype=torch.float32)
 
 
-_DW_TUNERS: dict = {}
-
-
-def _dw_derived(cfg: dict, slots: dict) -> dict:
-    both = dict(cfg, **slots)
-    return {k: f(both) for k, f in lk_conv2d_bwd_dw_derived.items()}
-
-
-def _dw_tuner(slots: dict):
-    """One autotuner per slot pattern: the derived meta-parameters (window sizes) depend on the tile and the
-    kernel sizes, so they are baked into each config (torch.compile traces autotuners, not heuristics)."""
-    key = tuple(sorted(slots.items()))
-    if key not in _DW_TUNERS:
-        configs = [triton.Config(dict(c.kwargs, **_dw_derived(c.kwargs, slots)), num_warps=c.num_warps,
-                                 num_stages=c.num_stages) for c in lk_conv2d_bwd_dw_configs()]
-        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T",
-                                                                "SPARSE_W"])(lk_conv2d_bwd_dw_kernel)
-    return _DW_TUNERS[key]
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+def plane_dw_images_per_program(N: int, C: int, sms: int) -> int:
+    """Images per program of the plane weight-gradient kernel: as many as leave about two programs per SM (fewer
+    fp32 partials to sum, one diagonal reduction per line and program)."""
+    splits = max(1, min(N, round(2 * sms / C)))
+    return triton.cdiv(N, splits)
+
+
+#: fp32 bytes of line accumulators a plane weight-gradient program keeps in registers at once.
+PLANE_DW_ACC_BYTES = 80 * 1024
+
+
+def plane_dw_line_group(H: int, W: int) -> int:
+    """Lines per pass of the plane weight-gradient kernel: as many [B, B] fp32 accumulators as fit in
+    ``PLANE_DW_ACC_BYTES`` (5 at a 64-padded plane: a whole SLaK line set per pass)."""
+    b = max(plane_pad(H), plane_pad(W))
+    return max(1, PLANE_DW_ACC_BYTES // (4 * b * b))
 
 
 def launch_lk_conv2d_bwd_dw(
@@ -429,13 +597,16 @@ def launch_lk_conv2d_bwd_dw(
     wide_shape: Optional[Tuple[int, int]],
     need_bias: bool,
     *,
-    sparse_t=None,
-    sparse_w=None,
+    sparse_t: "Optional[SlotMeta]" = None,
+    sparse_w: "Optional[SlotMeta]" = None,
+    config: Optional[dict] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Launches ``lk_conv2d_bwd_dw_kernel`` and reduces its per-split partials in a fixed order.
+    """Weight (and bias) gradients (``dw_launch_spec``: the plane kernel where ``use_plane_kernels`` says so, else
+    the tiled one); each program writes an fp32 partial, summed here in a fixed order (deterministic, no atomics).
 
-    sparse_t / sparse_w: None or the slot's block lists (as for the forward): only active blocks are computed, the
-    taps of inactive blocks get a zero gradient (the mask zeroes them anyway). Returns fp32 (d_tall [C, KH_T, KW_T] or None, d_wide [C, KH_W, KW_W] or None, d_bias [C] or None)."""
+    sparse_t / sparse_w: None or the slot's ``line_metadata``: only active lines are computed, inactive ones get a
+    zero gradient (the mask zeroes them anyway). config: explicit meta-parameters (tests). Returns fp32 (d_tall
+    [C, KH_T, KW_T] or None, d_wide [C, KH_W, KW_W] or None, d_bias [C] or None)."""
     N, C, H, W = x.shape
     KH_T, KW_T = tall_shape if tall_shape is not None else (0, 0)
     KH_W, KW_W = wide_shape if wide_shape is not None else (0, 0)
@@ -443,42 +614,23 @@ def launch_lk_conv2d_bwd_dw(
     if N == 0:
         z = lambda *s: torch.zeros(*s, device=dev, dtype=torch.float32)  # noqa: E731
         return (z(C, KH_T, KW_T) if KH_T else None, z(C, KH_W, KW_W) if KH_W else None, z(C) if need_bias else None)
-    # Splits: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile.
-    n_splits = max(1, min(N * triton.cdiv(H, 16) * triton.cdiv(W, 16), triton.cdiv(4 * _num_sms(dev), C)))
+    sparse_t = sparse_t if KH_T else None
+    sparse_w = sparse_w if KH_W else None
+    spec, n_splits = dw_launch_spec(
+        N, C, H, W, x.dtype, x.stride(), dy.stride(), tall_shape, wide_shape, need_bias=need_bias,
+        sparse_t=sparse_t is not None, sparse_w=sparse_w is not None,
+        items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
+                       sparse_w[1].stride(0) if sparse_w is not None else 0),
+        sms=_num_sms(dev), interpreter=interpreter_active())
     dwt = _new_empty(n_splits, C, KH_T, KW_T, device=dev) if KH_T else None
     dww = _new_empty(n_splits, C, KH_W, KW_W, device=dev) if KH_W else None
     db = _new_empty(n_splits, C, device=dev) if need_bias else None
-    if _tracing_only(x):
-        return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
-                db.sum(0) if db is not None else None)
-    dummy = x  # pointers of absent operands are never read (no allocation on the hot path)
-    sparse_t = sparse_t if KH_T else None
-    sparse_w = sparse_w if KH_W else None
-    t_items, t_count, tb_t = sparse_t if sparse_t is not None else (dummy, dummy, 1)
-    w_items, w_count, tb_w = sparse_w if sparse_w is not None else (dummy, dummy, 1)
-    args = dict(
-        x_ptr=x, dy_ptr=dy, dwt_ptr=dwt if dwt is not None else dummy, dww_ptr=dww if dww is not None else dummy,
-        db_ptr=db if db is not None else dummy,
-        t_items_ptr=t_items, t_count_ptr=t_count, w_items_ptr=w_items, w_count_ptr=w_count,
-        N=N, C=C, H=H, W=W, n_splits=n_splits,
-        sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
-        sdn=dy.stride(0), sdc=dy.stride(1), sdh=dy.stride(2), sdw=dy.stride(3),
-        st_items=t_items.stride(0) if sparse_t is not None else 0,
-        sw_items=w_items.stride(0) if sparse_w is not None else 0,
-        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w,
-        SPARSE_T=sparse_t is not None, SPARSE_W=sparse_w is not None, HAS_BIAS=need_bias,
-        WIDE_IDX=_needs_wide_idx(x) or _needs_wide_idx(dy),
-        DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter_active() and x.dtype == torch.bfloat16,
-    )
-    grid = (C, n_splits)
-    slots = dict(KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, TB_T=tb_t, TB_W=tb_w)
-    if _autotune_enabled():
-        wrap_triton(_dw_tuner(slots))[grid](**args)
-    else:
-        cfg = lk_conv2d_bwd_dw_default_config(H, W, x.element_size())
-        meta = {k: v for k, v in cfg.items() if k in ("BH", "BW")}
-        wrap_triton(lk_conv2d_bwd_dw_kernel)[grid](**args, **cfg, **_dw_derived(meta, slots))
-    LAUNCH_COUNTS["lk_conv2d_bwd_dw_kernel"] += 1
+    if not _tracing_only(x):
+        tensors = dict(x=x, dy=dy, dwt=dwt, dww=dww, db=db, dummy=x)
+        for tag, meta in (("t", sparse_t), ("w", sparse_w)):
+            if meta is not None:
+                tensors.update({f"{tag}_act": meta[0], f"{tag}_items": meta[1], f"{tag}_count": meta[2]})
+        _run(spec, tensors, config)
     # fixed-order reduction over the splits: deterministic
     return (dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
             db.sum(0) if db is not None else None)
@@ -488,31 +640,18 @@ def launch_lk_conv2d_bwd_dw(
 # block-sparse metadata
 # --------------------------------------------------------------------------------------------------------------
 
-SlotMeta = Tuple[torch.Tensor, torch.Tensor, int]  # (items [C, n] int32, counts [C] int32, taps per block)
+#: One slot's active lines in the kernels' formats: (flags [C, L] int32 0/1 (plane kernels), items [C, L] int32:
+#: the active line ids first in increasing order, then the others (tiled kernels), counts [C] int32).
+SlotMeta = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def block_metadata(slot_mask: torch.Tensor, tall: bool, taps_per_block: int = TAPS_PER_BLOCK) -> SlotMeta:
-    """Compacted active-block lists of one slot's mask, in the kernels' format. No host synchronisation.
-
-    slot_mask: [C, KH, KW] (nonzero = active). A block is ``taps_per_block`` consecutive taps along the slot's long
-    axis (H for the tall slot, W for the wide one) at one short-axis position; item id = short_pos * NB + block.
-    Returns items [C, short * NB] int32 (each row: active ids first, in increasing order, then the inactive ones)
-    and counts [C] int32 (active blocks per channel)."""
-    m = slot_mask if tall else slot_mask.transpose(1, 2)
-    C, L, S = m.shape
-    nb = triton.cdiv(L, taps_per_block)
-    act = m != 0
-    if nb * taps_per_block != L:
-        act = torch.nn.functional.pad(act, (0, 0, 0, nb * taps_per_block - L))
-    act = act.reshape(C, nb, taps_per_block, S).any(dim=2)          # [C, NB, S]
-    act = act.permute(0, 2, 1).reshape(C, S * nb)                    # item id = s * NB + b
+def line_metadata(slot_mask: torch.Tensor, tall: bool) -> SlotMeta:
+    """The active lines of one slot's mask ([C, KH, KW], nonzero = active): a line is one short-axis position (a
+    column of the tall slot, a row of the wide slot) and is active when any of its taps is. No host sync."""
+    m = slot_mask if tall else slot_mask.transpose(1, 2)     # [C, long, short]
+    act = (m != 0).any(dim=1)                                 # [C, short]
     items = torch.argsort((~act).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    counts = act.sum(dim=1, dtype=torch.int32)
-    return items, counts, taps_per_block
-
-
-_META_CACHE: "collections.OrderedDict" = collections.OrderedDict()
-_META_CACHE_SIZE = 64
+    return act.to(torch.int32), items, act.sum(dim=1, dtype=torch.int32)
 
 
 def _fold_masks(sel) -> torch.Tensor:
@@ -523,32 +662,13 @@ def _fold_masks(sel) -> torch.Tensor:
 
 
 def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta]]:
-    """Block lists for the (tall, wide) slots, cached per mask change.
-
-    The cache key holds the mask tensors themselves and their version counters: an in-place change of a mask
-    (``mask.copy_``, ``mask.mul_``, ...) or a new mask tensor rebuilds the lists; an unchanged mask reuses them.
-    (Writes through ``mask.data`` bypass the version counter: do not mutate masks that way.)"""
+    """Active lines of the (tall, wide) slots (None for a slot without masks), recomputed from the masks on every
+    call: a few small tensor ops without host synchronisation, so that every change of a mask is honoured, also
+    one made through ``mask.data`` (which no version counter sees)."""
     out = []
     for tall in (True, False):
         sel = _slot_branches(weights, masks, tall)
-        if not sel or all(m is None for _, m in sel):
-            out.append(None)
-            continue
-        if torch.compiler.is_compiling():
-            # traced graphs recompute the lists (a few fused tensor ops) instead of keeping a Python-side cache
-            out.append(block_metadata(_fold_masks(sel), tall))
-            continue
-        key = (tall,) + tuple((tuple(w.shape), id(m), m._version if m is not None else -1) for w, m in sel)
-        hit = _META_CACHE.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], [m for _, m in sel])):
-            _META_CACHE.move_to_end(key)
-            out.append(hit[1])
-            continue
-        meta = block_metadata(_fold_masks(sel), tall)
-        _META_CACHE[key] = (tuple(m for _, m in sel), meta)
-        if len(_META_CACHE) > _META_CACHE_SIZE:
-            _META_CACHE.popitem(last=False)
-        out.append(meta)
+        out.append(None if not sel or all(m is None for _, m in sel) else line_metadata(_fold_masks(sel), tall))
     return out[0], out[1]
 
 
@@ -556,8 +676,8 @@ def slot_metadata(weights, masks) -> Tuple[Optional[SlotMeta], Optional[SlotMeta
 # torch.library ops and autograd
 # --------------------------------------------------------------------------------------------------------------
 
-def _meta(items, count, tb) -> Optional[SlotMeta]:
-    return None if items is None else (items, count, tb)
+def _meta(lines, items, count) -> Optional[SlotMeta]:
+    return None if lines is None else (lines, items, count)
 
 
 @triton_op("slak_triton::lk_conv2d_fwd", mutates_args={})
@@ -566,23 +686,24 @@ def lk_conv2d_fwd_op(
     wt: Optional[torch.Tensor],
     ww: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
+    t_lines: Optional[torch.Tensor],
     t_items: Optional[torch.Tensor],
     t_count: Optional[torch.Tensor],
+    w_lines: Optional[torch.Tensor],
     w_items: Optional[torch.Tensor],
     w_count: Optional[torch.Tensor],
-    taps_per_block: int,
     flip: bool,
     dense_dw: bool = False,
 ) -> torch.Tensor:
     """``torch.ops.slak_triton.lk_conv2d_fwd``: the slot-level forward (or, with ``flip``, the input gradient).
 
     x: [N, C, H, W]; wt: [C, KH_T, KW_T] or None; ww: [C, KH_W, KW_W] or None; bias: [C] or None;
-    t_items/t_count, w_items/w_count: block lists from ``block_metadata`` or None (dense). dense_dw: the backward
-    computes the weight gradient of every tap, not only of the listed blocks. Returns [N, C, H, W] in x's dtype and
-    memory format. Differentiable (``register_autograd``) once."""
+    t_lines/t_items/t_count, w_lines/w_items/w_count: ``line_metadata`` of each slot or None (dense). dense_dw:
+    the backward computes the weight gradient of every tap, not only of the active lines. Returns [N, C, H, W] in
+    x's dtype and memory format. Differentiable (``register_autograd``) once."""
     out = _empty_like_layout(x)
-    launch_lk_conv2d_fwd(x, wt, ww, bias, out, flip=flip, sparse_t=_meta(t_items, t_count, taps_per_block),
-                         sparse_w=_meta(w_items, w_count, taps_per_block))
+    launch_lk_conv2d_fwd(x, wt, ww, bias, out, flip=flip, sparse_t=_meta(t_lines, t_items, t_count),
+                         sparse_w=_meta(w_lines, w_items, w_count))
     return out
 
 
@@ -595,33 +716,33 @@ def lk_conv2d_bwd_dw_op(
     kh_w: int,
     kw_w: int,
     need_bias: bool,
+    t_lines: Optional[torch.Tensor] = None,
     t_items: Optional[torch.Tensor] = None,
     t_count: Optional[torch.Tensor] = None,
+    w_lines: Optional[torch.Tensor] = None,
     w_items: Optional[torch.Tensor] = None,
     w_count: Optional[torch.Tensor] = None,
-    taps_per_block: int = TAPS_PER_BLOCK,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.slak_triton.lk_conv2d_bwd_dw``: fp32 gradients (tall [C, kh_t, kw_t], wide [C, kh_w, kw_w],
     bias [C]) of ``lk_conv2d_fwd`` for forward input ``x`` and output gradient ``dy``; a slot or bias that is not
-    asked for (size 0) comes back with zero elements. With block lists, only active blocks are computed (inactive
+    asked for (size 0) comes back with zero elements. With line metadata, only active lines are computed (inactive
     taps get 0). Deterministic."""
     C = x.shape[1]
     gt, gw, gb = launch_lk_conv2d_bwd_dw(x, dy, (kh_t, kw_t) if kh_t else None, (kh_w, kw_w) if kh_w else None,
-                                         need_bias, sparse_t=_meta(t_items, t_count, taps_per_block),
-                                         sparse_w=_meta(w_items, w_count, taps_per_block))
+                                         need_bias, sparse_t=_meta(t_lines, t_items, t_count),
+                                         sparse_w=_meta(w_lines, w_items, w_count))
     empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
     return (gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
             gb if gb is not None else empty(0))
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    x, wt, ww, bias, t_items, t_count, w_items, w_count, taps_per_block, flip, dense_dw = inputs
+    x, wt, ww, bias, t_lines, t_items, t_count, w_lines, w_items, w_count, flip, dense_dw = inputs
     if flip:
         ctx.flip = True
         return
     ctx.flip = False
-    ctx.save_for_backward(x, wt, ww, t_items, t_count, w_items, w_count)
-    ctx.taps_per_block = taps_per_block
+    ctx.save_for_backward(x, wt, ww, t_lines, t_items, t_count, w_lines, w_items, w_count)
     ctx.has_bias = bias is not None
     ctx.dense_dw = dense_dw
 
@@ -632,24 +753,24 @@ def _fwd_backward(ctx, dy):
     if torch.is_grad_enabled():
         raise RuntimeError("lk_conv2d: double backward is not supported (create_graph=True); use backend='reference' "
                            "for higher-order gradients")
-    x, wt, ww, t_items, t_count, w_items, w_count = ctx.saved_tensors
+    x, wt, ww, t_lines, t_items, t_count, w_lines, w_items, w_count = ctx.saved_tensors
     need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
     dx = dwt = dww = db = None
     if need_x:
-        dx = torch.ops.slak_triton.lk_conv2d_fwd(dy, wt, ww, None, t_items, t_count, w_items, w_count,
-                                                 ctx.taps_per_block, True)
+        dx = torch.ops.slak_triton.lk_conv2d_fwd(dy, wt, ww, None, t_lines, t_items, t_count, w_lines, w_items,
+                                                 w_count, True)
     if need_t or need_w or need_b:
         kt = tuple(wt.shape[1:]) if (wt is not None and need_t) else (0, 0)
         kw = tuple(ww.shape[1:]) if (ww is not None and need_w) else (0, 0)
-        if ctx.dense_dw:   # every tap's gradient: no block lists
-            t_items = t_count = w_items = w_count = None
+        if ctx.dense_dw:   # every tap's gradient: no line lists
+            t_lines = t_items = t_count = w_lines = w_items = w_count = None
         gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1],
-                                                            bool(need_b and ctx.has_bias), t_items, t_count,
-                                                            w_items, w_count, ctx.taps_per_block)
+                                                            bool(need_b and ctx.has_bias), t_lines, t_items, t_count,
+                                                            w_lines, w_items, w_count)
         dwt = gt.to(wt.dtype) if kt[0] else None
         dww = gw.to(ww.dtype) if kw[0] else None
         db = gb.to(x.dtype) if (need_b and ctx.has_bias) else None
-    return dx, dwt, dww, db, None, None, None, None, None, None, None
+    return dx, dwt, dww, db, None, None, None, None, None, None, None, None
 
 
 register_autograd("slak_triton::lk_conv2d_fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -706,10 +827,7 @@ def lk_conv2d(
         bias = bias.to(dt) if bias is not None else None
     meta_t, meta_w = slot_metadata(weights, masks)
     wt, ww = fold_branches(weights, masks, dense_weight_grad)
-    tb = (meta_t or meta_w or (None, None, TAPS_PER_BLOCK))[2]
+    none3 = (None, None, None)
     with torch.autocast(x.device.type, enabled=False):
-        return torch.ops.slak_triton.lk_conv2d_fwd(
-            x, wt, ww, bias,
-            meta_t[0] if meta_t else None, meta_t[1] if meta_t else None,
-            meta_w[0] if meta_w else None, meta_w[1] if meta_w else None,
-            tb, False, dense_weight_grad)
+        return torch.ops.slak_triton.lk_conv2d_fwd(x, wt, ww, bias, *(meta_t or none3), *(meta_w or none3), False,
+                                                   dense_weight_grad)
