@@ -502,8 +502,9 @@ def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathL
     Errors name the file and what is wrong with it: FileNotFoundError, IsADirectoryError, ValueError for an
     empty, truncated or foreign file, for a file that holds no tensors, or when none of the checkpoint's keys is a
     key of ``model`` (even with ``strict=False``: loading nothing is never what was meant); RuntimeError with the
-    ``weights_only=False`` hint only when ``weights_only`` loading refused an object of a readable file. The model
-    is not modified when an error is raised before ``load_state_dict`` (all of the above but a shape mismatch).
+    ``weights_only=False`` hint only when ``weights_only`` loading refused an object of a readable file; ValueError
+    when tensors have other shapes than the model's (another variant or ``num_classes``). On any of these errors
+    the model is left as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -523,11 +524,17 @@ def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathL
     if not sd:
         raise ValueError(f"path_or_dict: {where} holds no tensors to load (top-level keys: "
                          f"{sorted(map(str, ckpt))[:10]})")
-    own = set(model.state_dict())
-    if not own.intersection(sd):
+    own = model.state_dict()
+    if not set(own).intersection(sd):
         raise ValueError(f"path_or_dict: none of the {len(sd)} tensors of {where} is a key of the model "
                          f"(checkpoint keys such as {sorted(sd)[:3]}, model keys such as {sorted(own)[:3]}): "
                          f"a checkpoint of another network?")
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:  # checked before loading: torch would copy every other tensor first and leave a half-loaded model
+        raise ValueError(f"path_or_dict: {len(wrong)} tensor(s) of {where} have another shape than the model's "
+                         f"(another variant, width or num_classes?): {', '.join(wrong[:5])}"
+                         f"{' ...' if len(wrong) > 5 else ''}")
     sd = checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
     result = model.load_state_dict(sd, strict=False)
     missing = result.missing_keys

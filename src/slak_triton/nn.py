@@ -49,6 +49,8 @@ MASK_NAME = "weight_mask"
 
 def masked_weight(module: nn.Module) -> torch.Tensor:
     """``module.weight * module.weight_mask`` (or the weight alone when the module has no mask)."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        raise TypeError(f"module: expected a module with a weight tensor, got {type(module).__name__}")
     mask = getattr(module, MASK_NAME, None)
     if mask is None:
         return module.weight
@@ -379,6 +381,7 @@ def _not_convertible_reason(conv) -> Optional[str]:
 def is_convertible_depthwise(conv: nn.Module, min_kernel_size: int = 1) -> bool:
     """True for an ``nn.Conv2d`` (not already an ``LKConv2d``) with groups == in == out channels, stride 1,
     dilation 1, zero "same" padding, odd kernel sizes <= 63 and ``max(kh, kw) >= min_kernel_size``."""
+    _check_int("min_kernel_size", min_kernel_size, 1)
     if isinstance(conv, LKConv2d) or _not_convertible_reason(conv) is not None:
         return False
     return max(conv.kernel_size) >= min_kernel_size

@@ -280,6 +280,10 @@ def digits_datasets(size: int = DIGITS_SIZE, test_fraction: float = 0.2, seed: i
                     ) -> Tuple[TensorDataset, TensorDataset, int]:
     """scikit-learn's 8x8 digits as ``[N, 1, size, size]`` float tensors (bilinear upscaling, normalised with the
     training split's mean / std) and int64 labels; a fixed stratified split (``seed``). Returns (train, test, 10)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: expected an int >= 1, got {size!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     if load_digits is None:
         raise TrainError("the bundled digits data needs scikit-learn: pip install 'slak_triton[train]' "
                            "(or pip install scikit-learn), or pass --data-path")
@@ -406,11 +410,27 @@ class _Progress:
 # distributed
 # --------------------------------------------------------------------------------------------------------------
 
+def _env_int(name: str, default: int, lo: int) -> int:
+    """An integer environment variable set by torchrun (WORLD_SIZE, RANK, LOCAL_RANK), checked."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < lo:
+        raise ValueError(f"environment variable {name}: expected an int >= {lo} (as torchrun sets it), got {raw!r}")
+    return value
+
+
 def _setup_distributed(device_arg: Optional[str]) -> Tuple[torch.device, int, int, bool]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1, 1)
     distributed = world > 1
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = _env_int("RANK", 0, 0)
+    local_rank = _env_int("LOCAL_RANK", 0, 0)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK: expected 0..{world - 1} (WORLD_SIZE={world}), got {rank}")
     if device_arg is not None:
         device = torch.device(device_arg)
     else:
