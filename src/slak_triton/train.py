@@ -679,6 +679,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             prior_seconds = float(ckpt.get("seconds", 0.0))
             if "rng_state" in ckpt:
                 torch.set_rng_state(ckpt["rng_state"].cpu())
+            if device.type == "cuda" and ckpt.get("cuda_rng_state") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng_state"].cpu(), device)  # drop path draws on the GPU
             if is_main:
                 print(f"resumed from {resume_path} at epoch {start_epoch}, step {global_step}", flush=True)
 
@@ -767,6 +769,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         "scaler": scaler.state_dict() if use_scaler else None,
                         "sparsity": sparsity.state_dict() if sparsity is not None else None,
                         "epoch": epoch, "global_step": global_step, "rng_state": torch.get_rng_state(),
+                        "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         "args": vars(args), "run": run_info, "history": history,
                         "optimizer_steps": real_steps[0], "seconds": prior_seconds + time.time() - t_start,
                     }
