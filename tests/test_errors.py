@@ -438,6 +438,13 @@ def test_convert_depthwise_never_changes_what_a_model_computes(gen):
     w_before = model[9].weight.detach().clone()
     opt.step()
     assert not torch.equal(model[9].weight, w_before), "the pre-conversion optimizer trains the converted conv"
+    # the model itself a conv: its replacement holds the same Parameters; an inexact one is returned as it is
+    root = _dw(c, 7, gen)
+    lk = convert_depthwise(root)
+    assert isinstance(lk, LKConv2d) and lk.weight is root.weight and lk.bias is root.bias
+    with pytest.warns(UserWarning, match=r"\(the model itself\): its class _DoubledConv overrides forward"):
+        doubled = _dw(c, 7, gen, _DoubledConv)
+        assert convert_depthwise(doubled) is doubled
     # nothing left to convert: no warning about convs that need no conversion, an empty plan is fine
     with warnings.catch_warnings():
         warnings.simplefilter("error")

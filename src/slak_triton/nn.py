@@ -465,12 +465,12 @@ def convert_depthwise(model: nn.Module, min_kernel_size: int = 7) -> nn.Module:
     Exact only: a conv whose replacement would compute something else is left as it is -- a subclass with its own
     ``forward``, a conv with hooks, a parametrized (e.g. weight-normed) conv, one with a ``weight_mask`` or other
     extra state -- and a ``UserWarning`` names each with the reason (``convert_depthwise_plan`` returns the same
-    information without converting). Returns ``model`` (or the replacement when ``model`` itself is such a conv;
-    a copy then, see ``LKConv2d.from_conv2d``)."""
+    information without converting). Returns ``model`` (or the replacement, holding the same Parameters, when
+    ``model`` itself is such a conv)."""
     plan_only = convert_depthwise_plan(model, min_kernel_size)  # validates the arguments
     if "" in plan_only:
         if plan_only[""] is None:
-            return LKConv2d.from_conv2d(model)
+            return _moved_to_lkconv(model)
         _warn_skipped(plan_only)
         return model
     skipped = {}
