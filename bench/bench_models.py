@@ -10,6 +10,7 @@ interpreter would take hours, so the ``triton`` lines say they are unavailable (
 """
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -37,6 +38,8 @@ VARIANTS = {"T": "slak_tiny", "S": "slak_small", "B": "slak_base"}
 KINDS = ("eval", "eval-fused", "train")
 MODEL_PROVIDERS = ("triton", "torch")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Smallest image a SLaK accepts (stem stride 4, then three downsampling layers of 2).
+MIN_IMAGE_SIZE = 32
 
 
 @dataclass
@@ -50,6 +53,29 @@ class ModelBenchConfig:
     warmup_ms: float = 25.0
     rep_ms: float = 200.0
     progress: bool = True
+
+    def __post_init__(self):
+        _validate_config(self)
+
+
+def _validate_config(cfg: "ModelBenchConfig") -> None:
+    """Every field up front (ValueError naming the field, the expected and the actual value)."""
+    for name, allowed in (("variants", tuple(VARIANTS)), ("kinds", KINDS), ("providers", MODEL_PROVIDERS)):
+        value = getattr(cfg, name)
+        if isinstance(value, str) or not value or any(v not in allowed for v in value):
+            raise ValueError(f"{name}: expected a non-empty sequence of {', '.join(allowed)}, got {value!r}")
+    for name, lo in (("batch", 1), ("image_size", MIN_IMAGE_SIZE)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
+    for name, lo_ok in (("warmup_ms", lambda v: v >= 0), ("rep_ms", lambda v: v > 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not lo_ok(value):
+            raise ValueError(f"{name}: expected a finite number {'>= 0' if name == 'warmup_ms' else '> 0'}, "
+                             f"got {value!r}")
 
 
 def _build(variant: str, device, dtype) -> torch.nn.Module:

@@ -12,8 +12,10 @@ the interpreter is inactive.
 """
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -236,7 +238,8 @@ def _cmd_model(args, parser) -> int:
     cfg = bench_models.ModelBenchConfig(
         variants=args.variants or (("T",) if args.quick or not gpu else tuple(bench_models.VARIANTS)),
         kinds=args.kinds or bench_models.KINDS,
-        batch=args.batch or batch, image_size=args.image_size or size, dtype=args.dtype,
+        batch=args.batch if args.batch is not None else batch,
+        image_size=args.image_size if args.image_size is not None else size, dtype=args.dtype,
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else (10.0 if args.quick else 25.0),
         rep_ms=args.rep_ms if args.rep_ms is not None else (50.0 if args.quick else 200.0),
         progress=not args.no_progress)
@@ -269,6 +272,72 @@ def _cmd_shapes(args, parser) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- validation
+
+def _validate_args(args, parser: argparse.ArgumentParser) -> None:
+    """Every numeric flag and every output path, checked before anything is built or timed; a bad value ends the
+    run with ``parser.error`` (exit 2) naming the flag, the expected and the actual value."""
+    def bad(flag, expected, value):
+        parser.error(f"{flag}: expected {expected}, got {value!r}")
+
+    def finite(v):
+        return v is not None and math.isfinite(v)
+
+    if getattr(args, "warmup_ms", None) is not None and not (finite(args.warmup_ms) and args.warmup_ms >= 0):
+        bad("--warmup-ms", "a finite number >= 0", args.warmup_ms)
+    if getattr(args, "rep_ms", None) is not None and not (finite(args.rep_ms) and args.rep_ms > 0):
+        bad("--rep-ms", "a finite number > 0", args.rep_ms)
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 63:
+        bad("--seed", "an int in 0..2**63-1", args.seed)
+    if args.command == "model":
+        if args.batch is not None and args.batch < 1:
+            bad("--batch", "an int >= 1", args.batch)
+        if args.image_size is not None and args.image_size < bench_models.MIN_IMAGE_SIZE:
+            bad("--image-size", f"an int >= {bench_models.MIN_IMAGE_SIZE} (a SLaK downsamples by 32)",
+                args.image_size)
+    _check_output_paths(args, parser)
+
+
+def _output_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be written (without writing it or leaving anything behind), or None."""
+    if path.is_dir():
+        return "it is a directory"
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if path.exists():
+        try:
+            with open(path, "r+b"):
+                pass
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror or e}"
+        return None
+    try:  # in the parent, or in the nearest existing ancestor when the writers have folders to create
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write in {existing} ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
+def _check_output_paths(args, parser: argparse.ArgumentParser) -> None:
+    """--json / --csv / --plot: writable and distinct, found out before the benchmark runs rather than after."""
+    outs = [(flag, getattr(args, attr, None)) for flag, attr in (("--json", "json"), ("--csv", "csv"),
+                                                                 ("--plot", "plot"))]
+    outs = [(flag, Path(p)) for flag, p in outs if p is not None]
+    seen = {}
+    for flag, path in outs:
+        key = os.path.abspath(path)
+        if key in seen:
+            parser.error(f"{flag}: expected a path other than {seen[key]}'s, got {str(path)!r} for both")
+        seen[key] = flag
+        problem = _output_problem(path)
+        if problem is not None:
+            parser.error(f"{flag}: expected a writable file path, got {str(path)!r} ({problem})")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``slak-bench`` console script; returns the exit status (0 ok, 1 a line failed or the
     plot could not be made, 2 usage error / nothing to benchmark)."""
@@ -279,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raw = list(argv)
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(raw))
+    _validate_args(args, parser)
     if args.command == "op":
         return _cmd_op(args, parser)
     if args.command == "model":

@@ -1,7 +1,9 @@
 """Outputs of ``slak-bench``: the text table, JSON, CSV and the optional matplotlib plot."""
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -65,9 +67,17 @@ def write_json(path: Path, records: List[Dict[str, object]], meta: Dict[str, obj
     doc = {"schema": SCHEMA, "meta": meta, "records": records}
     if extra:
         doc.update(extra)
-    path = Path(path)
+    _atomic_write_text(Path(path), json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``path`` through a temporary file renamed over it: a reader (or a run killed while writing one of
+    the partial --json checkpoints) sees the previous file or the new one, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:  # newline='': the text's line ends are written as they are
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def _flat(v):
@@ -83,13 +93,12 @@ def write_csv(path: Path, records: List[Dict[str, object]]) -> None:
         for k in r:
             if k not in cols:
                 cols.append(k)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in records:
-            w.writerow({k: _flat(r.get(k)) for k in cols})
+    fh = io.StringIO(newline="")
+    w = csv.DictWriter(fh, fieldnames=cols)
+    w.writeheader()
+    for r in records:
+        w.writerow({k: _flat(r.get(k)) for k in cols})
+    _atomic_write_text(Path(path), fh.getvalue())
 
 
 def write_plot(path: Path, records: List[Dict[str, object]], meta: Dict[str, object]) -> None:

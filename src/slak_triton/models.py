@@ -14,6 +14,8 @@ tests). ``load_official_checkpoint`` loads an official training checkpoint; ``co
 """
 
 import os
+import pickle
+import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -432,6 +434,61 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
     return out
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _checkpoint_file_problem(path: str) -> Optional[str]:
+    """What visibly is wrong with a checkpoint file before ``torch.load`` reads it, or None."""
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "it is a directory, not a file"
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC:  # torch.save's format: a zip archive with <name>/data.pkl inside
+        if not zipfile.is_zipfile(path):
+            return (f"the file is truncated or damaged ({size:,} bytes; a zip archive, torch.save's format, without "
+                    f"its end record: an interrupted save, copy or download?)")
+        with zipfile.ZipFile(path) as z:
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                return "it is a zip archive but not a torch.save checkpoint (no data.pkl inside)"
+        return None
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+        return None
+    return f"it is not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+
+
+def _read_checkpoint(path: Union[str, os.PathLike], *, what: str, map_location="cpu", weights_only: bool = True):
+    """``torch.load(path)`` with errors that name ``what`` (the argument or flag), the file and what is wrong:
+    FileNotFoundError / IsADirectoryError, ValueError for a file that is not a readable checkpoint (empty,
+    truncated, another format), RuntimeError (with the ``weights_only=False`` hint) only when ``weights_only``
+    loading refused an object in an otherwise readable file. Also used by ``slak-train --resume``."""
+    path = os.fspath(path)
+    problem = _checkpoint_file_problem(path)
+    if problem == "no such file":
+        raise FileNotFoundError(f"{what}: no such file: {path!r}")
+    if problem is not None and problem.startswith("it is a directory"):
+        raise IsADirectoryError(f"{what}: expected a checkpoint file, got the directory {path!r}")
+    if problem is not None:
+        raise ValueError(f"{what}: cannot load {path!r}: {problem}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only and "weights only" in str(e).lower():
+            first = str(e).strip().splitlines()
+            detail = next((ln.strip() for ln in first if "unsupported" in ln.lower()), first[0] if first else "")
+            raise RuntimeError(f"{what}: torch.load({path!r}, weights_only=True) refused an object in the file "
+                               f"({detail}); if you trust the file, pass weights_only=False") from e
+        raise ValueError(f"{what}: cannot load {path!r}: damaged or not a PyTorch checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"{what}: cannot load {path!r}: damaged or not a PyTorch checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+
+
 def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathLike, Mapping[str, Any]], *,
                              use_ema: bool = False, strict: bool = True, map_location="cpu",
                              weights_only: bool = True):
@@ -441,19 +498,43 @@ def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathL
     for files you trust). Masks are derived from the checkpoint's zeros. With ``strict`` a mismatch raises a
     RuntimeError that lists the missing and unexpected keys (a ``features_only`` backbone's new ``norm{i}`` layers
     are not an error); returns torch's ``(missing_keys, unexpected_keys)``. Load before ``fuse()``.
+
+    Errors name the file and what is wrong with it: FileNotFoundError, IsADirectoryError, ValueError for an
+    empty, truncated or foreign file, for a file that holds no tensors, or when none of the checkpoint's keys is a
+    key of ``model`` (even with ``strict=False``: loading nothing is never what was meant); RuntimeError with the
+    ``weights_only=False`` hint only when ``weights_only`` loading refused an object of a readable file; ValueError
+    when tensors have other shapes than the model's (another variant or ``num_classes``). On any of these errors
+    the model is left as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    source = None
     if isinstance(path_or_dict, (str, os.PathLike)):
-        try:
-            ckpt = torch.load(path_or_dict, map_location=map_location, weights_only=weights_only)
-        except Exception as e:
-            if weights_only:
-                raise RuntimeError(f"path_or_dict: torch.load({str(path_or_dict)!r}, weights_only=True) failed "
-                                   f"({type(e).__name__}: {e}); if you trust the file, pass weights_only=False")
-            raise
+        source = os.fspath(path_or_dict)
+        ckpt = _read_checkpoint(source, what="path_or_dict", map_location=map_location, weights_only=weights_only)
+        if not isinstance(ckpt, Mapping):
+            raise ValueError(f"path_or_dict: expected {source!r} to hold a state dict or a training checkpoint "
+                             f"(a mapping), got a {type(ckpt).__name__}")
     elif isinstance(path_or_dict, Mapping):
         ckpt = path_or_dict
     else:
         raise TypeError(f"path_or_dict: expected a path or a mapping, got {type(path_or_dict).__name__}")
+    sd = checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
+    where = f"{source!r}" if source is not None else "the checkpoint"
+    if not sd:
+        raise ValueError(f"path_or_dict: {where} holds no tensors to load (top-level keys: "
+                         f"{sorted(map(str, ckpt))[:10]})")
+    own = model.state_dict()
+    if not set(own).intersection(sd):
+        raise ValueError(f"path_or_dict: none of the {len(sd)} tensors of {where} is a key of the model "
+                         f"(checkpoint keys such as {sorted(sd)[:3]}, model keys such as {sorted(own)[:3]}): "
+                         f"a checkpoint of another network?")
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:  # checked before loading: torch would copy every other tensor first and leave a half-loaded model
+        raise ValueError(f"path_or_dict: {len(wrong)} tensor(s) of {where} have another shape than the model's "
+                         f"(another variant, width or num_classes?): {', '.join(wrong[:5])}"
+                         f"{' ...' if len(wrong) > 5 else ''}")
     sd = checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
     result = model.load_state_dict(sd, strict=False)
     missing = result.missing_keys

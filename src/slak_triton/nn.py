@@ -7,7 +7,8 @@
 * ``ConvBN`` -- one such branch (``.conv`` an ``nn.Conv2d``, ``.bn`` a BatchNorm2d or absent).
 * ``LKConv2d`` -- an ``nn.Conv2d`` subclass for one depthwise "same" conv that runs on ``lk_conv2d``; keeps the
   ``weight`` / ``bias`` keys, so a converted model still loads its own checkpoints.
-* ``convert_depthwise(model)`` -- swaps every eligible depthwise ``nn.Conv2d`` of a model for an ``LKConv2d``.
+* ``convert_depthwise(model)`` -- swaps every eligible depthwise ``nn.Conv2d`` of a model for an ``LKConv2d``,
+  only where that is exact (``convert_depthwise_plan`` says which it converts and why it skips the others).
 
 Masks. Any module with a ``weight`` may hold a float 0/1 buffer ``weight_mask`` shaped like the weight (the
 branch convs register it as ``None``, i.e. dense and absent from the state_dict). The modules here compute with
@@ -18,10 +19,12 @@ checkpoints store sparsity as zeros) loads with ``strict=True``: the mask is der
 (``None`` when it has none). A state_dict with the key loads it.
 """
 
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from slak_triton.ops import lk_conv2d
 from slak_triton.ops.lk_conv2d import MAX_KERNEL_SIZE
@@ -31,6 +34,7 @@ __all__ = [
     "SparseLKConv",
     "LKConv2d",
     "convert_depthwise",
+    "convert_depthwise_plan",
     "is_convertible_depthwise",
     "prepare_mask_for_load",
     "masked_weight",
@@ -45,6 +49,8 @@ MASK_NAME = "weight_mask"
 
 def masked_weight(module: nn.Module) -> torch.Tensor:
     """``module.weight * module.weight_mask`` (or the weight alone when the module has no mask)."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        raise TypeError(f"module: expected a module with a weight tensor, got {type(module).__name__}")
     mask = getattr(module, MASK_NAME, None)
     if mask is None:
         return module.weight
@@ -92,6 +98,21 @@ def _check_int(name: str, value, lo: int, hi: Optional[int] = None, odd: bool = 
     return value
 
 
+def _check_kernel_pair(name: str, value) -> Tuple[int, int]:
+    """An odd int, or a pair of odd ints, each in 1..MAX_KERNEL_SIZE -> (kh, kw)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name}: expected an odd int or a pair (kh, kw) of odd ints in 1..{MAX_KERNEL_SIZE}, "
+                             f"got {value!r} ({len(value)} values)")
+        return (_check_int(f"{name}[0]", value[0], 1, MAX_KERNEL_SIZE, odd=True),
+                _check_int(f"{name}[1]", value[1], 1, MAX_KERNEL_SIZE, odd=True))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an odd int or a pair (kh, kw) of odd ints in 1..{MAX_KERNEL_SIZE}, got "
+                        f"{type(value).__name__} ({value!r})")
+    k = _check_int(name, value, 1, MAX_KERNEL_SIZE, odd=True)
+    return k, k
+
+
 def _uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or bn.running_mean is None or bn.running_var is None
 
@@ -122,7 +143,10 @@ class ConvBN(nn.Module):
 
     def __init__(self, channels: int, kernel_size: Tuple[int, int], bn: bool = True):
         super().__init__()
-        kh, kw = kernel_size
+        _check_int("channels", channels, 1)
+        kh, kw = _check_kernel_pair("kernel_size", kernel_size)
+        if not isinstance(bn, bool):
+            raise TypeError(f"bn: expected a bool, got {type(bn).__name__} ({bn!r})")
         self.conv = nn.Conv2d(channels, channels, (kh, kw), padding=(kh // 2, kw // 2), groups=channels, bias=False)
         self.conv.register_buffer(MASK_NAME, None)
         if bn:
@@ -280,7 +304,7 @@ class LKConv2d(nn.Conv2d):
 
     Args:
         channels: C (in = out = groups).
-        kernel_size: int or (kh, kw), odd, at most 63.
+        kernel_size: an odd int or a pair (kh, kw) of odd ints, at most 63 (else TypeError / ValueError).
         bias: learnable per-channel bias.
         device, dtype: factory kwargs.
 
@@ -289,10 +313,10 @@ class LKConv2d(nn.Conv2d):
     """
 
     def __init__(self, channels: int, kernel_size, bias: bool = True, device=None, dtype=None):
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         _check_int("channels", channels, 1)
-        _check_int("kernel_size[0]", kh, 1, MAX_KERNEL_SIZE, odd=True)
-        _check_int("kernel_size[1]", kw, 1, MAX_KERNEL_SIZE, odd=True)
+        kh, kw = _check_kernel_pair("kernel_size", kernel_size)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {type(bias).__name__} ({bias!r})")
         super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2), groups=channels,
                          bias=bias, device=device, dtype=dtype)
         self.register_buffer(MASK_NAME, None)
@@ -310,7 +334,9 @@ class LKConv2d(nn.Conv2d):
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "LKConv2d":
         """A copy of ``conv`` (weights, bias, mask, requires_grad, training mode, device, dtype) as an
-        ``LKConv2d``. ``conv`` must pass ``is_convertible_depthwise(conv)`` (else ValueError with the reason)."""
+        ``LKConv2d``. ``conv`` must pass ``is_convertible_depthwise(conv)`` (else ValueError with the reason).
+        Only those are copied: hooks, parametrizations or a subclass's own ``forward`` are not carried over, and
+        the mask, which ``nn.Conv2d`` ignores, is applied; ``convert_depthwise`` skips such convs."""
         why = _not_convertible_reason(conv)
         if why is not None:
             raise ValueError(f"conv: expected a depthwise, stride-1, 'same'-padded nn.Conv2d with odd kernel sizes "
@@ -355,30 +381,129 @@ def _not_convertible_reason(conv) -> Optional[str]:
 def is_convertible_depthwise(conv: nn.Module, min_kernel_size: int = 1) -> bool:
     """True for an ``nn.Conv2d`` (not already an ``LKConv2d``) with groups == in == out channels, stride 1,
     dilation 1, zero "same" padding, odd kernel sizes <= 63 and ``max(kh, kw) >= min_kernel_size``."""
+    _check_int("min_kernel_size", min_kernel_size, 1)
     if isinstance(conv, LKConv2d) or _not_convertible_reason(conv) is not None:
         return False
     return max(conv.kernel_size) >= min_kernel_size
 
 
-def convert_depthwise(model: nn.Module, min_kernel_size: int = 7) -> nn.Module:
-    """Replaces, in place, every depthwise ``nn.Conv2d`` of ``model`` that ``is_convertible_depthwise`` accepts
-    by an ``LKConv2d`` with the same weights (outputs equal; state_dict keys unchanged). The branch convs of a
-    ``SparseLKConv`` already run on ``lk_conv2d`` and are left alone. Returns ``model`` (or the replacement when
-    ``model`` itself is such a conv)."""
+def _inexact_reason(conv: nn.Conv2d) -> Optional[str]:
+    """Why an ``LKConv2d`` in place of this (depthwise-shaped) ``conv`` would not compute what it computes, or
+    None when the swap is exact: plain ``nn.Conv2d`` behaviour, its own parameters, no hooks, no extra state."""
+    if parametrize.is_parametrized(conv):
+        return "its weight is parametrized (torch.nn.utils.parametrize, e.g. weight_norm)"
+    cls = type(conv)
+    for attr in ("forward", "_conv_forward", "__call__"):
+        if getattr(cls, attr) is not getattr(nn.Conv2d, attr):
+            return f"its class {cls.__qualname__} overrides {attr}"
+        if attr in vars(conv):
+            return f"{attr} is replaced on the instance"
+    kinds = (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"), ("backward", "_backward_hooks"),
+             ("backward pre", "_backward_pre_hooks"), ("state_dict", "_state_dict_hooks"),
+             ("state_dict pre", "_state_dict_pre_hooks"), ("load_state_dict pre", "_load_state_dict_pre_hooks"),
+             ("load_state_dict post", "_load_state_dict_post_hooks"))
+    hooks = [kind for kind, attr in kinds if getattr(conv, attr, None)]
+    if hooks:
+        return f"it has {', '.join(hooks)} hooks (user hooks, spectral_norm, the old weight_norm ...)"
+    if not isinstance(conv.weight, nn.Parameter) or not (conv.bias is None or isinstance(conv.bias, nn.Parameter)):
+        return "its weight or bias is not an nn.Parameter"
+    extra = (sorted(set(conv._parameters) - {"weight", "bias"}) + sorted(set(conv._buffers) - {MASK_NAME})
+             + sorted(conv._modules))
+    if extra:
+        return f"it holds other state ({', '.join(extra)})"
+    if getattr(conv, MASK_NAME, None) is not None:
+        return (f"it has a {MASK_NAME}, which nn.Conv2d ignores and LKConv2d applies (convert before creating "
+                f"DynamicSparsity)")
+    return None
+
+
+def _walk_depthwise(module: nn.Module, min_kernel_size: int, prefix: str, seen: set):
+    """Yields (qualified name, parent or None, attribute name, conv, reason or None) for every conv that
+    ``is_convertible_depthwise`` accepts, once per module object; does not enter ``SparseLKConv``."""
+    for name, child in list(module.named_children()):
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        qual = f"{prefix}.{name}" if prefix else name
+        if is_convertible_depthwise(child, min_kernel_size):
+            yield qual, module, name, child, _inexact_reason(child)
+        elif not isinstance(child, SparseLKConv):
+            yield from _walk_depthwise(child, min_kernel_size, qual, seen)
+
+
+def convert_depthwise_plan(model: nn.Module, min_kernel_size: int = 7) -> Dict[str, Optional[str]]:
+    """What ``convert_depthwise(model, min_kernel_size)`` would do, without changing anything: for every
+    depthwise conv it considers (qualified name, ``""`` for ``model`` itself), None when it converts it, else the
+    reason it leaves it alone (the swap would not compute the same)."""
     _check_int("min_kernel_size", min_kernel_size, 1)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if is_convertible_depthwise(model, min_kernel_size):
-        return LKConv2d.from_conv2d(model)
-    _convert_children(model, min_kernel_size)
+        return {"": _inexact_reason(model)}
+    return {qual: why for qual, _, _, _, why in _walk_depthwise(model, min_kernel_size, "", set())}
+
+
+def _moved_to_lkconv(conv: nn.Conv2d) -> "LKConv2d":
+    """An ``LKConv2d`` that takes over ``conv``'s very ``weight`` / ``bias`` Parameter objects (no copy), so
+    tied weights stay tied and an optimizer built before the conversion still trains the model."""
+    new = LKConv2d(conv.in_channels, tuple(conv.kernel_size), bias=conv.bias is not None, device="meta",
+                   dtype=conv.weight.dtype)
+    new.weight = conv.weight
+    if conv.bias is not None:
+        new.bias = conv.bias
+    new.train(conv.training)
+    return new
+
+
+def convert_depthwise(model: nn.Module, min_kernel_size: int = 7) -> nn.Module:
+    """Replaces, in place, every depthwise ``nn.Conv2d`` of ``model`` that ``is_convertible_depthwise`` accepts
+    by an ``LKConv2d`` holding the same ``weight`` / ``bias`` Parameter objects (outputs and gradients equal,
+    state_dict keys unchanged, an existing optimizer keeps training them; a conv used at several places becomes
+    one ``LKConv2d`` used at the same places). The branch convs of a ``SparseLKConv`` already run on
+    ``lk_conv2d`` and are left alone.
+
+    Exact only: a conv whose replacement would compute something else is left as it is -- a subclass with its own
+    ``forward``, a conv with hooks, a parametrized (e.g. weight-normed) conv, one with a ``weight_mask`` or other
+    extra state -- and a ``UserWarning`` names each with the reason (``convert_depthwise_plan`` returns the same
+    information without converting). Returns ``model`` (or the replacement, holding the same Parameters, when
+    ``model`` itself is such a conv)."""
+    plan_only = convert_depthwise_plan(model, min_kernel_size)  # validates the arguments
+    if "" in plan_only:
+        if plan_only[""] is None:
+            return _moved_to_lkconv(model)
+        _warn_skipped(plan_only)
+        return model
+    skipped = {}
+    replaced: Dict[int, LKConv2d] = {}
+    for qual, parent, name, conv, why in _walk_depthwise(model, min_kernel_size, "", set()):
+        if why is not None:
+            skipped[qual] = why
+            continue
+        replaced[id(conv)] = _moved_to_lkconv(conv)
+    if replaced:
+        _replace_everywhere(model, replaced)
+    if skipped:
+        _warn_skipped(skipped)
     return model
 
 
-def _convert_children(module: nn.Module, min_kernel_size: int) -> None:
-    if isinstance(module, SparseLKConv):
-        return
-    for name, child in list(module.named_children()):
-        if is_convertible_depthwise(child, min_kernel_size):
-            setattr(module, name, LKConv2d.from_conv2d(child))
-        else:
-            _convert_children(child, min_kernel_size)
+def _replace_everywhere(module: nn.Module, replaced: Dict[int, "LKConv2d"]) -> None:
+    """Puts the replacement of every occurrence of a converted conv (a shared conv has several parents)."""
+    seen = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for name, child in list(m._modules.items()):
+            if child is not None and id(child) in replaced:
+                m._modules[name] = replaced[id(child)]
+            elif child is not None and not isinstance(child, SparseLKConv):
+                stack.append(child)
+
+
+def _warn_skipped(skipped: Dict[str, str]) -> None:
+    items = "; ".join(f"{q or '(the model itself)'}: {why}" for q, why in skipped.items())
+    warnings.warn(f"convert_depthwise: left {len(skipped)} depthwise conv(s) as nn.Conv2d, because an LKConv2d "
+                  f"would not compute the same: {items}", UserWarning, stacklevel=3)

@@ -15,8 +15,12 @@ DistributedSampler, SyncBatchNorm on GPU). Masks stay identical on all ranks wit
 consistency is checked (one all-reduce) at the end of every epoch.
 
 Checkpoints (``--output-dir``): ``checkpoint-last.pth`` every epoch with model (masks included), EMA, optimizer,
-scaler, sparsity state (masks, counters, schedule, growth RNG) and progress; ``--resume PATH`` or
-``--resume auto`` continues from it. ``summary.json`` holds the final numbers.
+scaler, sparsity state (masks, counters, schedule, growth RNG), progress and the history so far; ``--resume PATH``
+or ``--resume auto`` continues from it. ``summary.json`` holds the final numbers of the whole run (all epochs,
+also across resumes). Both are written atomically. A run never writes over another run's results: a fresh run
+into a directory that holds one is refused; ``--resume auto`` on a finished run does nothing and keeps its
+results (it rebuilds a lost ``summary.json`` from the checkpoint). Every flag is checked before anything runs
+(docs/errors.md).
 
 On CPU the large-kernel modules run through ``use_backend("reference")`` (``F.conv2d``), since the Triton
 interpreter is far too slow for training; on CUDA ``--backend auto`` uses the Triton kernels.
@@ -28,8 +32,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from slak_triton.models import MODEL_ENTRYPOINTS, SLaK
-from slak_triton.ops import use_backend
+from slak_triton.models import MODEL_ENTRYPOINTS, SLaK, _read_checkpoint
+from slak_triton.ops import interpreter_active, use_backend
 from slak_triton.sparse import (
     GROWTH_MODES,
     LK_GRANULARITIES,
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--only-large-kernels", action="store_true", help="mask only the large-kernel branches")
     g.add_argument("--lk-granularity", default="block", choices=LK_GRANULARITIES)
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="checkpoints and summary.json go here")
+    g.add_argument("--output-dir", default=None, help="checkpoints and summary.json go here; never written over: a new run needs a "
+                        "directory without them, --resume auto continues (or leaves alone) the run in it")
     g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT_DIR/checkpoint-last.pth")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -129,25 +135,141 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What ``--output-dir`` holds for a run; a fresh run never writes over these (see ``_check_output_dir``).
+CHECKPOINT_NAME = "checkpoint-last.pth"
+SUMMARY_NAME = "summary.json"
+#: The network downsamples by 32 (stem 4, three downsampling layers of 2): smaller inputs leave no pixel.
+MIN_INPUT_SIZE = 32
+
+
+def _number_check(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None,
+                  lo_open: bool = False, hi_open: bool = False) -> Optional[str]:
+    """None when ``value`` is a finite number in the interval, else the error message (names the flag)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if ok:
+        return None
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        rng = f"{'<' if hi_open else '<='} {hi:g}"
+    kind = "an int" if isinstance(value, int) and not isinstance(value, bool) else "a finite number"
+    return f"{name}: expected {kind} {rng}, got {value!r}"
+
+
 def _validate_args(args: argparse.Namespace) -> None:
+    """Checks every flag on its own (no file system, no data): raises ValueError naming the flag, the expected
+    and the actual value. Called first by ``run``; the data-dependent checks (``--num-classes`` against the data's
+    classes, ``--batch-size`` against its size) and the file checks (``_check_output_dir``, ``--resume``) follow."""
     checks = [
-        ("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
-        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
-        ("--lr", args.lr, args.lr > 0, "> 0"),
-        ("--density", args.density, 0 < args.density <= 1, "in (0, 1]"),
-        ("--prune-rate", args.prune_rate, 0 <= args.prune_rate < 1, "in [0, 1)"),
-        ("--update-frequency", args.update_frequency, args.update_frequency >= 1, ">= 1"),
-        ("--warmup-epochs", args.warmup_epochs, args.warmup_epochs >= 0, ">= 0"),
-        ("--drop-path", args.drop_path, 0 <= args.drop_path < 1, "in [0, 1)"),
-        ("--model-ema-decay", args.model_ema_decay, 0 <= args.model_ema_decay <= 1, "in [0, 1]"),
+        _number_check("--epochs", args.epochs, 1),
+        _number_check("--batch-size", args.batch_size, 1),
+        _number_check("--num-workers", args.num_workers, 0),
+        _number_check("--lr", args.lr, 0, lo_open=True),
+        _number_check("--min-lr", args.min_lr, 0),
+        _number_check("--warmup-epochs", args.warmup_epochs, 0),
+        _number_check("--weight-decay", args.weight_decay, 0),
+        _number_check("--smoothing", args.smoothing, 0, 1, hi_open=True),
+        _number_check("--density", args.density, 0, 1, lo_open=True),
+        _number_check("--prune-rate", args.prune_rate, 0, 1, hi_open=True),
+        _number_check("--update-frequency", args.update_frequency, 1),
+        _number_check("--drop-path", args.drop_path, 0, 1, hi_open=True),
+        _number_check("--model-ema-decay", args.model_ema_decay, 0, 1),
+        _number_check("--seed", args.seed, 0, 2**31 - 1),
     ]
+    if args.input_size is not None:
+        checks.append(_number_check("--input-size", args.input_size, MIN_INPUT_SIZE))
+    if args.num_classes is not None:
+        checks.append(_number_check("--num-classes", args.num_classes, 1))
+    if args.clip_grad is not None:
+        checks.append(_number_check("--clip-grad", args.clip_grad, 0, lo_open=True))
     if args.max_steps_per_epoch is not None:
-        checks.append(("--max-steps-per-epoch", args.max_steps_per_epoch, args.max_steps_per_epoch >= 1, ">= 1"))
-    for name, value, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        checks.append(_number_check("--max-steps-per-epoch", args.max_steps_per_epoch, 1))
+    for message in checks:
+        if message is not None:
+            raise ValueError(message)
+    if args.warmup_epochs > args.epochs:
+        raise ValueError(f"--warmup-epochs: expected at most --epochs ({args.epochs}), got {args.warmup_epochs!r}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr: expected at most --lr ({args.lr!r}), got {args.min_lr!r}")
     if args.resume == "auto" and not args.output_dir:
         raise ValueError("--resume: 'auto' needs --output-dir")
+    if args.resume is not None and not args.resume:
+        raise ValueError("--resume: expected a checkpoint path or 'auto', got ''")
+    if args.output_dir is not None and not args.output_dir:
+        raise ValueError("--output-dir: expected a directory path, got ''")
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        raise ValueError(f"--data-path: expected an existing directory (an ImageFolder root with train/ and val/), "
+                         f"got {args.data_path!r}")
+    _check_device(args.device)
+
+
+def _check_device(value: Optional[str]) -> None:
+    """``--device``: None, 'cpu', 'cuda' or 'cuda:N' with N a device of this machine."""
+    if value is None:
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: expected a device of this machine, got {value!r}, but CUDA is not "
+                             f"available here (torch {torch.__version__}"
+                             f"{'' if torch.version.cuda else ' is a CPU-only build'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: expected cuda:0 .. cuda:{torch.cuda.device_count() - 1}, got {value!r}")
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """``--backend triton`` runs the Triton kernels: on CUDA, or on the CPU only under the interpreter."""
+    if backend == "triton" and device.type == "cpu" and not interpreter_active():
+        raise ValueError("--backend: expected 'auto' or 'reference' on the CPU, got 'triton' (the Triton kernels "
+                         "need CUDA, or TRITON_INTERPRET=1 set before start: the interpreter, far too slow to train)")
+
+
+def _resume_path(args: argparse.Namespace) -> Optional[str]:
+    if not args.resume:
+        return None
+    return os.path.join(args.output_dir, CHECKPOINT_NAME) if args.resume == "auto" else args.resume
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    """``--output-dir`` must be a writable directory (created if missing), checked before any training; and a run
+    never writes over another run's results: a directory that already holds ``checkpoint-last.pth`` or
+    ``summary.json`` is accepted only when this run resumes from that very checkpoint."""
+    out = args.output_dir
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output-dir: expected a directory, got the existing file {out!r}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output-dir: expected a writable directory, got {out!r} "
+                         f"({type(e).__name__}: {e.strerror or e})") from None
+    ckpt = os.path.join(out, CHECKPOINT_NAME)
+    held = [name for name in (CHECKPOINT_NAME, SUMMARY_NAME) if os.path.exists(os.path.join(out, name))]
+    if not held:
+        return
+    resume = _resume_path(args)
+    if resume is not None and os.path.exists(ckpt) and os.path.realpath(resume) == os.path.realpath(ckpt):
+        return  # continuing (or re-finishing) the run that lives here
+    if os.path.exists(ckpt):
+        hint = "pass --resume auto to continue (or finish) that run"
+    else:
+        hint = f"it has {SUMMARY_NAME} but no {CHECKPOINT_NAME}, so there is nothing to resume"
+    raise ValueError(f"--output-dir: {out!r} already holds a run ({', '.join(held)}) and this run would write over "
+                     f"it; {hint}, or choose another --output-dir (or move those files away)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -158,6 +280,10 @@ def digits_datasets(size: int = DIGITS_SIZE, test_fraction: float = 0.2, seed: i
                     ) -> Tuple[TensorDataset, TensorDataset, int]:
     """scikit-learn's 8x8 digits as ``[N, 1, size, size]`` float tensors (bilinear upscaling, normalised with the
     training split's mean / std) and int64 labels; a fixed stratified split (``seed``). Returns (train, test, 10)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: expected an int >= 1, got {size!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     if load_digits is None:
         raise TrainError("the bundled digits data needs scikit-learn: pip install 'slak_triton[train]' "
                            "(or pip install scikit-learn), or pass --data-path")
@@ -178,6 +304,21 @@ def digits_datasets(size: int = DIGITS_SIZE, test_fraction: float = 0.2, seed: i
     return TensorDataset((xtr - mean) / std, ytr), TensorDataset((xte - mean) / std, yte), 10
 
 
+class _ImageLoader:
+    """The ImageFolder loader, with errors that name the file: a corrupted or unreadable image raises TrainError
+    ``--data-path: cannot read image '<path>' (<error>)`` instead of the decoder's bare message (also from
+    DataLoader workers, which re-raise it in the main process)."""
+
+    def __init__(self, load: Callable[[str], Any]):
+        self.load = load
+
+    def __call__(self, path: str):
+        try:
+            return self.load(path)
+        except Exception as e:  # noqa: BLE001 - any decoder error; re-raised with the file's name
+            raise TrainError(f"--data-path: cannot read image {path!r} ({type(e).__name__}: {e})") from e
+
+
 def imagefolder_datasets(root: str, size: int) -> Tuple[Dataset, Dataset, int]:
     if tv_datasets is None:
         raise TrainError("--data-path: ImageFolder data needs torchvision (pip install torchvision)")
@@ -189,9 +330,25 @@ def imagefolder_datasets(root: str, size: int) -> Tuple[Dataset, Dataset, int]:
                                       tv_transforms.ToTensor(), norm])
     val_tf = tv_transforms.Compose([tv_transforms.Resize(int(size / 0.875)), tv_transforms.CenterCrop(size),
                                     tv_transforms.ToTensor(), norm])
-    train = tv_datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-    val = tv_datasets.ImageFolder(os.path.join(root, "val"), val_tf)
+    loader = _ImageLoader(tv_datasets.folder.default_loader)
+    try:
+        train = tv_datasets.ImageFolder(os.path.join(root, "train"), train_tf, loader=loader)
+        val = tv_datasets.ImageFolder(os.path.join(root, "val"), val_tf, loader=loader)
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or a class folder without images
+        raise TrainError(f"--data-path: {root!r} is not a usable ImageFolder tree ({e})") from e
+    _check_same_classes(train.classes, val.classes, root)
     return train, val, len(train.classes)
+
+
+def _check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], root: str) -> None:
+    """ImageFolder numbers the classes by their sorted folder names in each split: train/ and val/ must have the
+    same folders, or the same label would mean different classes."""
+    if list(train_classes) != list(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+        raise ValueError(f"--data-path: expected the same class folders in train/ and val/ of {root!r}, got "
+                         f"{len(train_classes)} and {len(val_classes)} (only in train/: {only_train}; only in "
+                         f"val/: {only_val})")
 
 
 def _random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -253,11 +410,27 @@ class _Progress:
 # distributed
 # --------------------------------------------------------------------------------------------------------------
 
+def _env_int(name: str, default: int, lo: int) -> int:
+    """An integer environment variable set by torchrun (WORLD_SIZE, RANK, LOCAL_RANK), checked."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < lo:
+        raise ValueError(f"environment variable {name}: expected an int >= {lo} (as torchrun sets it), got {raw!r}")
+    return value
+
+
 def _setup_distributed(device_arg: Optional[str]) -> Tuple[torch.device, int, int, bool]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1, 1)
     distributed = world > 1
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = _env_int("RANK", 0, 0)
+    local_rank = _env_int("LOCAL_RANK", 0, 0)
+    if rank >= world:
+        raise ValueError(f"environment variable RANK: expected 0..{world - 1} (WORLD_SIZE={world}), got {rank}")
     if device_arg is not None:
         device = torch.device(device_arg)
     else:
@@ -275,6 +448,73 @@ def _all_sum(values: Sequence[float], device: torch.device, distributed: bool) -
     if distributed:
         dist.all_reduce(t)
     return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints, resume, summary
+# --------------------------------------------------------------------------------------------------------------
+
+#: Flags a resumed run must share with its checkpoint: what the checkpoint restores (a different value would be
+#: silently ignored) or what would make the result a different run. The sparsity ones only when ``--sparse``.
+_RESUME_FLAGS = ("model", "sparse", "model_ema")
+_RESUME_SPARSE_FLAGS = ("density", "growth", "prune_rate", "update_frequency", "only_large_kernels", "lk_granularity")
+_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "global_step")
+
+
+def _load_resume(path: str, device: torch.device) -> Dict[str, Any]:
+    """Reads a slak-train checkpoint (``weights_only``: it holds tensors, numbers, strings and containers only);
+    TrainError naming the file and what is wrong with it otherwise."""
+    try:
+        ckpt = _read_checkpoint(path, what="--resume", map_location=device, weights_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TrainError(str(e)) from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+        has = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise TrainError(f"--resume: {path!r} is not a slak-train checkpoint (expected the entries "
+                         f"{list(_CHECKPOINT_KEYS)}, found {has})")
+    return ckpt
+
+
+def _check_resume_matches(ckpt: Dict[str, Any], path: str, args: argparse.Namespace, run_info: Dict[str, Any]
+                          ) -> None:
+    """Refuses to resume with settings that differ from the checkpoint's (see ``_RESUME_FLAGS``)."""
+    saved = ckpt.get("args") or {}
+    flags = _RESUME_FLAGS + (_RESUME_SPARSE_FLAGS if args.sparse else ())
+    if args.model_ema:
+        flags += ("model_ema_decay",)
+    diffs = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(args, k)!r})"
+             for k in flags if k in saved and saved[k] != getattr(args, k)]
+    names = {"input_size": "--input-size", "num_classes": "--num-classes",
+             "steps_per_epoch": "steps per epoch (--batch-size, --max-steps-per-epoch, processes)"}
+    saved_run = ckpt.get("run") or {}
+    diffs += [f"{names.get(k, k)} {saved_run[k]!r} (now {v!r})" for k, v in run_info.items()
+              if k in saved_run and saved_run[k] != v]
+    if diffs:
+        raise TrainError(f"--resume: {path!r} was written by a run with other settings: {'; '.join(diffs)}. "
+                         f"Resume with the checkpoint's settings, or start a new run in another --output-dir")
+
+
+def _existing_summary(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """OUTPUT_DIR/summary.json when it exists and is readable, else None."""
+    if not args.output_dir:
+        return None
+    try:
+        with open(os.path.join(args.output_dir, SUMMARY_NAME)) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Writes through ``write(file)`` to ``path + '.tmp'``, flushes it to disk, then renames it over ``path``: a
+    reader (or a resume after a crash) sees the old file or the new one, never a partial one."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,22 +551,48 @@ def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Trains as ``args`` says; returns the summary (also printed, and written to OUTPUT_DIR/summary.json)."""
     _validate_args(args)
+    _check_output_dir(args)
     t_start = time.time()
     device, rank, world, distributed = _setup_distributed(args.device)
+    _check_backend(args.backend, device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)
 
+    ckpt = None
+    resume_path = _resume_path(args)
+    if resume_path is not None:
+        if os.path.isfile(resume_path) or args.resume != "auto":
+            ckpt = _load_resume(resume_path, device)
+    done_epochs = int(ckpt["epoch"]) + 1 if ckpt is not None else 0
+    if done_epochs > args.epochs:
+        raise TrainError(f"--epochs: expected at least {done_epochs}: {resume_path!r} has already trained "
+                         f"{done_epochs} epochs, got {args.epochs}")
+    if ckpt is not None:
+        _check_resume_matches(ckpt, resume_path, args, {})  # the flags; the values that need the data follow
+    if ckpt is not None and done_epochs == args.epochs:
+        finished = _existing_summary(args)
+        if finished is not None:  # nothing to do: keep the finished run's results as they are
+            if is_main:
+                print(f"slak-train: the run in {resume_path!r} has finished all {args.epochs} epochs; nothing to do, "
+                      f"{os.path.join(args.output_dir, SUMMARY_NAME)} is kept (held-out accuracy "
+                      f"{100 * finished.get('held_out_accuracy', float('nan')):.2f}% on "
+                      f"{finished.get('held_out_images')} images)", flush=True)
+            return finished
+
     # data
     if args.data_path is None:
-        size = args.input_size or DIGITS_SIZE
+        size = args.input_size if args.input_size is not None else DIGITS_SIZE
         train_set, test_set, n_classes = digits_datasets(size=size, seed=0)
         in_chans, data_name = 1, "digits (scikit-learn, 8x8 upscaled to %dx%d)" % (size, size)
         augment = True
     else:
-        size = args.input_size or 224
+        size = args.input_size if args.input_size is not None else 224
         train_set, test_set, n_classes = imagefolder_datasets(args.data_path, size)
         in_chans, data_name, augment = 3, args.data_path, False
-    num_classes = args.num_classes or n_classes
+    num_classes = args.num_classes if args.num_classes is not None else n_classes
+    if num_classes < n_classes:
+        raise ValueError(f"--num-classes: expected at least {n_classes} (the data has labels 0..{n_classes - 1}), "
+                         f"got {num_classes}")
     if distributed:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                      drop_last=True)
@@ -348,6 +614,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                          f"got {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+    run_info = {"input_size": size, "num_classes": num_classes, "steps_per_epoch": steps_per_epoch}
+    if ckpt is not None:
+        _check_resume_matches(ckpt, resume_path, args, run_info)
 
     # model
     model = build_model(args.model, in_chans, num_classes, args.drop_path).to(device)
@@ -369,15 +638,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if backend == "auto" and device.type == "cpu":
         backend = "reference"
 
-    ckpt = None
-    resume_path = None
-    if args.resume:
-        resume_path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
-        if os.path.isfile(resume_path):
-            ckpt = torch.load(resume_path, map_location=device, weights_only=False)
-        elif args.resume != "auto":
-            raise ValueError(f"--resume: expected an existing checkpoint file, got {resume_path!r}")
-
     real_steps = [0]
     optimizer.register_step_post_hook(lambda opt, a, k: real_steps.__setitem__(0, real_steps[0] + 1))
 
@@ -398,18 +658,29 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ema = MaskedEMA(model, decay=args.model_ema_decay) if args.model_ema else None
 
         start_epoch, global_step = 0, 0
+        history: List[Dict[str, Any]] = []
+        prior_seconds = 0.0
         if ckpt is not None:
-            load_masked_state_dict(model, ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler") is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            if sparsity is not None and ckpt.get("sparsity") is not None:
-                sparsity.load_state_dict(ckpt["sparsity"])
-            if ema is not None and ckpt.get("model_ema") is not None:
-                ema.load_state_dict(ckpt["model_ema"])
+            try:
+                load_masked_state_dict(model, ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                if ckpt.get("scaler") is not None:
+                    scaler.load_state_dict(ckpt["scaler"])
+                if sparsity is not None and ckpt.get("sparsity") is not None:
+                    sparsity.load_state_dict(ckpt["sparsity"])
+                if ema is not None and ckpt.get("model_ema") is not None:
+                    ema.load_state_dict(ckpt["model_ema"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise TrainError(f"--resume: {resume_path!r} does not fit this run's model and optimizer "
+                                 f"({type(e).__name__}: {str(e).strip()[:500]})") from e
             start_epoch, global_step = int(ckpt["epoch"]) + 1, int(ckpt["global_step"])
+            history = list(ckpt.get("history") or [])
+            real_steps[0] = int(ckpt.get("optimizer_steps", global_step))
+            prior_seconds = float(ckpt.get("seconds", 0.0))
             if "rng_state" in ckpt:
                 torch.set_rng_state(ckpt["rng_state"].cpu())
+            if device.type == "cuda" and ckpt.get("cuda_rng_state") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng_state"].cpu(), device)  # drop path draws on the GPU
             if is_main:
                 print(f"resumed from {resume_path} at epoch {start_epoch}, step {global_step}", flush=True)
 
@@ -426,9 +697,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                       f"large kernels in {args.lk_granularity}s", flush=True)
 
         aug_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
-        history = []
-        val_loss = val_acc = ema_acc = float("nan")
-        n_val = 0
         for epoch in range(start_epoch, args.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
@@ -454,7 +722,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     out = train_model(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=args.smoothing)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch + 1}, step {i + 1}")
+                    raise FloatingPointError(
+                        f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {i + 1} (learning rate {lr:.3g}); "
+                        + (f"the checkpoint of epoch {epoch} in {args.output_dir!r} is kept; " if
+                           args.output_dir and (epoch > start_epoch or ckpt is not None) else "")
+                        + "a lower --lr, a --clip-grad, or --no-amp may help")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if args.clip_grad is not None:
@@ -478,8 +750,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if sparsity is not None and distributed and not sparsity.verify_consistent():
                 raise TrainError(f"masks differ across ranks after epoch {epoch + 1}")
             rec = dict(epoch=epoch + 1, train_loss=tr_loss / max(tr_seen, 1), train_acc=tr_correct / max(tr_seen, 1),
-                       val_loss=val_loss, val_acc=val_acc, density=density, topology_updates=updates,
-                       lr=lr, seconds=time.time() - t0)
+                       val_loss=val_loss, val_acc=val_acc, held_out_images=n_val, density=density,
+                       topology_updates=updates, lr=lr, seconds=time.time() - t0)
             if ema is not None:
                 rec["ema_val_acc"] = ema_acc
             history.append(rec)
@@ -490,7 +762,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                       + f" | density {density:.4f} | topology updates {updates} | {rec['seconds']:.1f}s",
                       flush=True)
                 if args.output_dir:
-                    os.makedirs(args.output_dir, exist_ok=True)
                     state = {
                         "model": model.state_dict(),
                         "model_ema": ema.state_dict() if ema is not None else None,
@@ -498,11 +769,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         "scaler": scaler.state_dict() if use_scaler else None,
                         "sparsity": sparsity.state_dict() if sparsity is not None else None,
                         "epoch": epoch, "global_step": global_step, "rng_state": torch.get_rng_state(),
-                        "args": vars(args),
+                        "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "args": vars(args), "run": run_info, "history": history,
+                        "optimizer_steps": real_steps[0], "seconds": prior_seconds + time.time() - t_start,
                     }
-                    tmp = os.path.join(args.output_dir, "checkpoint-last.pth.tmp")
-                    torch.save(state, tmp)
-                    os.replace(tmp, os.path.join(args.output_dir, "checkpoint-last.pth"))
+                    _atomic_write(os.path.join(args.output_dir, CHECKPOINT_NAME), lambda f: torch.save(state, f))
+
+        if history:  # the last epoch's numbers (of this process or, for a finished run, of the checkpoint)
+            last = history[-1]
+            val_loss, val_acc, n_val = last["val_loss"], last["val_acc"], last.get("held_out_images", len(test_set))
+            ema_acc = last.get("ema_val_acc", float("nan"))
+        else:  # a finished run's checkpoint without history (written before it was kept): evaluate it
+            val_loss, val_acc, n_val = evaluate(train_model, test_loader, device, distributed, amp_ctx)
+            ema_acc = evaluate(ema.module, test_loader, device, distributed, amp_ctx)[1] if ema is not None \
+                else float("nan")
 
     summary = {
         "data": data_name, "model": args.model, "held_out_images": n_val, "held_out_accuracy": val_acc,
@@ -510,7 +790,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "layer_densities": sparsity.layer_densities() if sparsity is not None else {},
         "topology_updates": sparsity.topology_updates if sparsity is not None else 0,
         "optimizer_steps": real_steps[0], "epochs": args.epochs, "world_size": world, "device": str(device),
-        "seconds": time.time() - t_start, "history": history,
+        "seconds": prior_seconds + time.time() - t_start, "history": history,
     }
     if ema is not None:
         summary["ema_held_out_accuracy"] = ema_acc
@@ -520,9 +800,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
               + f" | density {summary['density']:.4f} | {summary['topology_updates']} topology updates | "
               f"{summary['seconds']:.1f}s", flush=True)
         if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            _atomic_write(os.path.join(args.output_dir, SUMMARY_NAME), lambda f: json.dump(summary, f, indent=2),
+                          mode="w")
     return summary
 
 
@@ -533,6 +812,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TrainError) as e:
         print(f"slak-train: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the training diverged: not a usage error, but no traceback helps either
+        print(f"slak-train: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
