@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slak_triton.nn import ConvBN, LKConv2d, masked_weight
+from slak_triton.nn import ConvBN, LKConv2d
 from slak_triton.ops import block_shape, dense_weight_grad
 
 __all__ = [
@@ -232,6 +232,15 @@ def _set_mask(module: nn.Module, mask: Optional[torch.Tensor]) -> None:
         module.register_buffer(MASK_NAME, mask.clone())
 
 
+def _active_from_weights(module: nn.Module) -> torch.Tensor:
+    """Bool, shaped like the weight: the module's own mask where it holds one (loaded with a slak_triton checkpoint,
+    or derived from the loaded zeros by the modules' loaders), else ``weight != 0``."""
+    mask = _get_mask(module)
+    if mask is not None:
+        return mask != 0
+    return module.weight.detach() != 0
+
+
 def _is_binary(t: torch.Tensor) -> bool:
     if t.dtype == torch.bool:
         return True
@@ -280,7 +289,7 @@ def _owner_of(module: nn.Module):
     return owner if owner is not None and owner._active else None
 
 
-def _claim(owner, modules: Sequence[Tuple[str, nn.Module]]) -> None:
+def _claim(owner, modules: Sequence[Tuple[str, nn.Module]], check_only: bool = False) -> None:
     """Registers ``owner`` as the manager of ``modules``; raises when another live manager holds any of them."""
     taken = [(name, _owner_of(mod)) for name, mod in modules if _owner_of(mod) not in (None, owner)]
     if taken:
@@ -289,6 +298,8 @@ def _claim(owner, modules: Sequence[Tuple[str, nn.Module]]) -> None:
             f"model: expected weights no other DynamicSparsity / FrozenSparsity manages, got {len(taken)} managed "
             f"by a live {type(other).__name__} (e.g. {_names([n for n, _ in taken], 3)}); a second manager would "
             f"redraw the masks and apply every prune / grow twice: call .remove() on the first one (or keep using it)")
+    if check_only:
+        return
     for _, mod in modules:
         _OWNERS[mod] = weakref.ref(owner)
 
@@ -565,8 +576,9 @@ class DynamicSparsity:
         sparse_init: "uniform", "erk" (density proportional to sum(shape) / prod(shape)) or "snip" (one batch's
             |w * grad| kept by a global top-k; needs ``snip_data``) set per-layer densities, then masks are drawn at
             random per layer; layers that reach ``DENSE_THRESHOLD`` (0.99) stay dense. "from_weights" (alias
-            "resume", the official name): masks = weight != 0 of the model as it is (a loaded sparse checkpoint);
-            on block-masked layers every block must be all-zero or all-non-zero (else ValueError).
+            "resume", the official name): the masks of the model as it is (a loaded sparse checkpoint): the
+            ``weight_mask`` buffers where they exist (slak_triton checkpoints; the large-kernel modules derive them
+            from the loaded zeros), else weight != 0; block-masked layers must have whole blocks (else ValueError).
         prune_rate: fraction of each layer's active units replaced per topology update, decaying by a cosine over
             ``total_steps`` to ``MIN_PRUNE_RATE`` (0.005).
         growth: "random" (seeded generator), "gradient" (largest |grad| of the step that triggered the update,
@@ -660,6 +672,7 @@ class DynamicSparsity:
         _check_optimizer_holds(optimizer, named)
         if self.growth in _MOMENTUM_GROWTH:
             self._check_momentum_optimizer(named)
+        _claim(self, named, check_only=True)
         if self.sparse_init != "from_weights":
             held = [name for name, mod in named if _get_mask(mod) is not None]
             if held:
@@ -794,18 +807,19 @@ class DynamicSparsity:
 
     @torch.no_grad()
     def _init_from_weights(self, density: Optional[float]) -> float:
-        """Masks = (weight * existing mask) != 0; layers at >= ``DENSE_THRESHOLD`` stay dense. Returns the overall
+        """Masks = ``_active_from_weights``; layers at >= ``DENSE_THRESHOLD`` stay dense. Returns the overall
         density. Checks block alignment, that the weights are sparse at all, and ``density`` when given."""
-        nonzero = [masked_weight(layer.module) != 0 for layer in self.candidates]
+        nonzero = [_active_from_weights(layer.module) for layer in self.candidates]
         partial = [(layer.name, n, layer.n_units) for layer, nz in zip(self.candidates, nonzero)
                    if (n := layer.partial_units(nz))]
         if partial:
             name, n, total = partial[0]
             raise ValueError(
-                f"sparse_init: 'from_weights' with lk_granularity='block' expects every block_shape block of the "
-                f"large-kernel branches to be all-zero or all-non-zero, got {len(partial)} layers with partly-zero "
-                f"blocks (e.g. {name}: {n} of {total} blocks), as an elementwise-sparse (official) checkpoint has; "
-                f"use lk_granularity='element' for it")
+                f"sparse_init: 'from_weights' with lk_granularity='block' expects the large-kernel branches' "
+                f"zeros to be whole block_shape blocks, got {len(partial)} layers with partly-zero blocks (e.g. "
+                f"{name}: {n} of {total} blocks), as an elementwise-sparse (official) checkpoint has, or a "
+                f"block-sparse one saved without its weight_mask entries (grown blocks keep exact zeros on taps "
+                f"that never see the image): use lk_granularity='element', or load the checkpoint with its masks")
         dens = [float(nz.sum()) / layer.numel for layer, nz in zip(self.candidates, nonzero)]
         if all(d >= DENSE_THRESHOLD for d in dens):
             raise ValueError(
@@ -1175,8 +1189,8 @@ class FrozenSparsity:
     segmentation backbone's ``sparse=True``.
 
     Every ``nn.Linear`` / ``nn.Conv2d`` weight (or only the large-kernel ``LoRA1`` / ``LoRA2`` branches, plus
-    ``small_conv`` with ``include_small_conv``) gets the mask ``weight != 0`` (times an existing ``weight_mask``)
-    as its ``weight_mask`` buffer; weights without zeros stay dense. Before every forward of the model, and before
+    ``small_conv`` with ``include_small_conv``) gets the mask ``weight != 0`` (or keeps the ``weight_mask`` it
+    holds) as its ``weight_mask`` buffer; weights without zeros stay dense. Before every forward of the model, and before
     ``state_dict()``, the weights are multiplied by their masks (a forward pre-hook and a state_dict pre-hook on
     the unwrapped model), so no optimizer needs to be known (mmdet / mmseg runners build theirs later).
 
@@ -1203,7 +1217,7 @@ class FrozenSparsity:
             raise ValueError(f"model: expected at least one nn.Linear / nn.Conv2d weight to mask "
                              f"(only_large_kernels={only_large_kernels}), found none")
         with torch.no_grad():
-            nonzero = [masked_weight(mod) != 0 for _, mod in named]
+            nonzero = [_active_from_weights(mod) for _, mod in named]
         if all(bool(nz.all()) for nz in nonzero):
             raise ValueError(f"model: expected a sparse model (zeros in its weights, e.g. a loaded sparse checkpoint), "
                              f"got {len(named)} weights without a single zero: load the weights first")
