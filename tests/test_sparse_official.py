@@ -94,6 +94,11 @@ def _check_growth(layer, old_mask, new_mask, w_after_step, score_elem, rate, neu
     assert bool((old & ~new & ~pruned).sum() == 0), "only the k smallest-magnitude units may be pruned"
     cand = ~old | pruned
     grown = new & cand
+    # weights: grown from inactive start at 0; pruned and grown back keep their value (official: a no-op for them)
+    w_now = _unit_values(layer.weight.abs(), units, layer.block)
+    before = _unit_values((w_after_step * old_mask).abs(), units, layer.block)
+    assert bool((w_now[new & ~old] == 0).all()) and bool((w_now[~new] == 0).all()), layer.name
+    assert torch.equal(w_now[new & old], before[new & old]), layer.name
     score = _unit_values(score_elem.abs(), units, layer.block)
     neuron = torch.tensor([u[0] for u in units])
     for s in sizes.unique():

@@ -603,7 +603,8 @@ class DynamicSparsity:
     modes, whose scores need it. Every ``update_frequency`` real steps each layer prunes ``ceil(rate * active
     units)`` smallest-|w| active units (a block scores the sum of |w| over its taps) and grows exactly as many
     inactive units of the same sizes (a block's growth score is the sum over its taps); grown weights start at
-    zero, and so does their optimizer state except in the momentum modes.
+    zero, and so does their optimizer state except in the momentum modes; a unit pruned and grown back in the same
+    update keeps its weight and state (as officially).
 
     Dense gradients: forward hooks on the large-kernel modules run the forwards whose gradients growth reads
     inside ``slak_triton.dense_weight_grad()`` (see ``dense_grad_next_step``); every other forward keeps the
@@ -1013,7 +1014,6 @@ class DynamicSparsity:
         prune = _select(torch.where(unit, mag, torch.full_like(mag, math.inf)), k, largest=False)
         new = unit.clone()
         new[prune] = False
-        kept = new.clone()
         gscore, magnitude = self._growth_scores(layer, unit)
         by_neuron = self.growth == "momentum_neuron" and gscore is not None
         if gscore is None:
@@ -1035,7 +1035,10 @@ class DynamicSparsity:
                 grow = perm[_select(score, kc, largest=True)]
             new[grow] = True
         new_mask = layer.expand(new).to(old.dtype)
-        keep = layer.expand(kept)  # pruned units become zero; grown ones (re-grown included) start at zero
+        # Pruned units become zero and grown ones start at zero (weights, and optimizer state except in the
+        # momentum modes). A unit pruned and grown back in the same update keeps its weight and state, as in the
+        # official code: for it the update is a no-op.
+        keep = layer.expand(new & unit)
         w.mul_(keep.to(w.dtype))
         if self._masks_optimizer_state:
             self._mask_state(w, keep)
