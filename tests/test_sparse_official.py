@@ -242,6 +242,13 @@ def test_momentum_growth_needs_momentum_in_the_optimizer():
         DynamicSparsity(m, torch.optim.SGD(m.parameters(), lr=0.1), sparse_init="uniform", growth="momentum",
                         total_steps=10)
     m = _model()
+    ds = DynamicSparsity(m, torch.optim.SGD(m.parameters(), lr=0.1), sparse_init="uniform", total_steps=10)
+    st = ds.state_dict()
+    st["config"]["growth"] = "momentum"  # the checkpoint's settings win: checked against this optimizer
+    with pytest.raises(ValueError, match="momentum=0"):
+        ds.load_state_dict(st)
+    assert ds.growth == "random"
+    m = _model()
     opt = torch.optim.Adagrad(m.parameters(), lr=0.1)  # state without moments: refused at the first update
     ds = DynamicSparsity(m, opt, sparse_init="uniform", growth="momentum", update_frequency=1, total_steps=10)
     with pytest.raises(RuntimeError, match="exp_avg"):
@@ -449,7 +456,11 @@ def test_freeze_sparsity_matches_the_official_backbone_loop():
     sum(t.square().mean() for t in plain(torch.randn(2, 1, 32, 32))).backward()
     o.step()
     assert torch.count_nonzero(plain.stages[0][0].pwconv1.weight) == plain.stages[0][0].pwconv1.weight.numel()
+    twin = copy.deepcopy(net)  # e.g. MaskedEMA's copy: inert hooks, no second manager of net's weights
+    buf = io.BytesIO()
+    torch.save(net, buf)
     fz.remove()
+    assert not net._forward_pre_hooks and len(twin._forward_pre_hooks) == 1
     fz2 = freeze_sparsity(net, only_large_kernels=True)  # after remove() another manager may take over
     assert set(fz2.masks) == {n for n in masks if "large_kernel.LoRA" in n}
     with pytest.raises(ValueError, match="sparse model"):

@@ -343,6 +343,26 @@ class _DenseGradSwitch:
         return (_DenseGradSwitch, ())
 
 
+class _OwnerHook:
+    """A module hook that calls ``getattr(owner, method)(*args)`` while the owner lives. Deep copies of the module
+    (``MaskedEMA``'s model copy) and pickles get an inert hook, not a copy of the owner."""
+
+    def __init__(self, owner=None, method: str = ""):
+        self._owner = weakref.ref(owner) if owner is not None else None
+        self._method = method
+
+    def __call__(self, *args):
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            getattr(owner, self._method)(*args)
+
+    def __deepcopy__(self, memo):
+        return _OwnerHook()
+
+    def __reduce__(self):
+        return (_OwnerHook, ())
+
+
 def _dense_grad_modules(model: nn.Module, masked: Sequence[nn.Module]) -> List[nn.Module]:
     """The modules whose forward computes with a mask through ``lk_conv2d`` (so that their weight gradient is
     masked unless the forward runs inside ``dense_weight_grad()``), outermost only: the large-kernel containers
@@ -554,8 +574,8 @@ def _check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: Sequence[Tu
         raise ValueError(
             f"optimizer: expected an optimizer over the model's parameters (DynamicSparsity re-applies the masks "
             f"after its steps), got one that holds none of {len(missing)} of the {len(layers)} weights to mask "
-            f"(e.g. {_names(missing, 3)}): build it from this model's parameters, or restrict the masked weights "
-            f"(only_large_kernels=True)")
+            f"(e.g. {_names(missing, 3)}): build it from this model's parameters (frozen ones included), or "
+            f"restrict the masked weights (only_large_kernels=True)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1145,6 +1165,12 @@ class DynamicSparsity:
         win over the constructor's; its layers must be this model's (else ValueError naming the differences)."""
         self._check_state(state)
         sched, cfg = state["schedule"], state["config"]
+        if cfg["growth"] in _MOMENTUM_GROWTH:
+            growth, self.growth = self.growth, cfg["growth"]
+            try:
+                self._check_momentum_optimizer([(layer.name, layer.module) for layer in self.candidates])
+            finally:
+                self.growth = growth
         candidates = self.candidates
         if cfg["lk_granularity"] != self.lk_granularity:
             lk = _lk_branches(self.model)
@@ -1235,8 +1261,8 @@ class FrozenSparsity:
                 _set_mask(mod, nz.to(torch.float32))
                 self._masked.append((name, mod))
         self.apply_masks()
-        self._hooks = [self.model.register_forward_pre_hook(self._before_forward),
-                       self.model.register_state_dict_pre_hook(self._before_state_dict)]
+        self._hooks = [self.model.register_forward_pre_hook(_OwnerHook(self, "_before_forward")),
+                       self.model.register_state_dict_pre_hook(_OwnerHook(self, "_before_state_dict"))]
 
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
