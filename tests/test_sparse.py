@@ -3,7 +3,6 @@
 import copy
 import io
 import math
-import os
 
 import pytest
 import torch
