@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("sklearn", reason="slak-train's bundled data needs scikit-learn (extra 'train')")
 
 from slak_triton import train  # noqa: E402
-from slak_triton.sparse import load_masked_state_dict  # noqa: E402
+from slak_triton.sparse import DynamicSparsity, load_masked_state_dict  # noqa: E402
 
 
 def _short(tmp_path, *extra):
@@ -59,7 +59,28 @@ def test_dense_run_and_argument_errors(tmp_path, capsys):
     assert "--density" in capsys.readouterr().err
     assert train.main(_short(tmp_path, "--resume", str(tmp_path / "missing.pth"))) == 2
     with pytest.raises(SystemExit):
-        train.main(["--growth", "momentum"])
+        train.main(["--growth", "magic"])
+    with pytest.raises(SystemExit):  # needs a loaded sparse model: not a slak-train choice (--resume restores masks)
+        train.main(["--sparse-init", "from_weights"])
+    assert train.main(_short(tmp_path, "--fix", "--no-sparse")) == 2
+    assert "--fix" in capsys.readouterr().err
+
+
+def test_fix_keeps_the_initial_masks(tmp_path, capsys):
+    # official --fix: static masks; with --update-frequency 1 every step would otherwise move the topology
+    assert train.main(_short(tmp_path, "--fix", "--update-frequency", "1", "--sparse-init", "uniform")) == 0
+    assert "topology fixed" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["topology_updates"] == 0 and summary["optimizer_steps"] == 3
+    assert abs(summary["density"] - 0.6) < 0.01
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    assert ckpt["sparsity"]["schedule"]["update_frequency"] is None
+    # the masks are the initial ones: the same seed draws them again in a fresh model
+    model = train.build_model("digits", 1, 10, 0.0)
+    opt = torch.optim.AdamW(model.parameters())
+    fresh = DynamicSparsity(model, opt, sparse_init="uniform", total_steps=3, seed=0)
+    for name, mask in fresh.masks.items():
+        assert torch.equal(ckpt["sparsity"]["masks"][name], mask != 0), name
 
 
 def test_module_entry_point_help():

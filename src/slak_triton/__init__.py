@@ -16,7 +16,7 @@ from .ops import (
     use_backend,
 )
 from .reference import lk_conv2d_reference
-from .sparse import DynamicSparsity, MaskedEMA, load_masked_state_dict
+from .sparse import DynamicSparsity, MaskedEMA, freeze_sparsity, load_masked_state_dict
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "models",
     "DynamicSparsity",
     "MaskedEMA",
+    "freeze_sparsity",
     "load_masked_state_dict",
     "__version__",
 ]

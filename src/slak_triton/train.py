@@ -8,7 +8,8 @@ Recipe knobs (official values for ImageNet in brackets): AdamW ``--lr`` [4e-3 at
 [0.05], ``--warmup-epochs`` [20] then cosine to ``--min-lr`` [1e-6], ``--drop-path`` [T 0.1 / S 0.4 / B 0.5],
 ``--smoothing`` [0.1], ``--model-ema`` / ``--model-ema-decay`` [0.9999], ``--amp``; sparsity: ``--sparse``
 (default on; ``--no-sparse`` trains dense), ``--density`` [0.6], ``--sparse-init`` [snip], ``--growth`` [random],
-``--prune-rate`` [T 0.5 / S, B 0.3], ``--update-frequency`` [T 2000 / S, B 100], ``--only-large-kernels``.
+``--prune-rate`` [T 0.5 / S, B 0.3], ``--update-frequency`` [T 2000 / S, B 100], ``--only-large-kernels``, ``--fix``
+(static masks).
 
 Distributed: ``torchrun --nproc_per_node=N -m slak_triton.train ...`` (gloo on CPU, nccl on GPU; DDP,
 DistributedSampler, SyncBatchNorm on GPU). Masks stay identical on all ranks without any broadcast; their
@@ -68,6 +69,10 @@ except ImportError:
 
 __all__ = ["main", "run", "TrainError", "build_parser", "digits_datasets", "build_model", "lr_at", "DIGITS_MODEL"]
 
+#: ``--sparse-init`` choices: the random inits ("from_weights" / "resume" need a loaded sparse model; a run's own
+#: masks come back with ``--resume``).
+TRAIN_SPARSE_INITS = tuple(s for s in SPARSE_INITS if s not in ("from_weights", "resume"))
+
 #: The small SLaK trained on the bundled digits (32x32 grey inputs: stage maps 8, 4, 2, 1).
 DIGITS_MODEL = dict(depths=(1, 1, 1, 1), dims=(24, 48, 72, 96), kernel_size=(13, 11, 9, 7), small_kernel=5)
 DIGITS_SIZE = 32
@@ -116,11 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                    help="train sparse with a moving topology (--no-sparse: dense)")
     g.add_argument("--density", type=float, default=0.6, help="fraction of active weights")
-    g.add_argument("--sparse-init", default="snip", choices=SPARSE_INITS)
+    g.add_argument("--sparse-init", default="snip", choices=TRAIN_SPARSE_INITS,
+                   help="per-layer densities of the random initial masks (--resume restores a run's masks)")
     g.add_argument("--growth", default="random", choices=GROWTH_MODES)
     g.add_argument("--prune-rate", type=float, default=0.3)
     g.add_argument("--update-frequency", type=int, default=10, help="optimizer steps between topology updates")
-    g.add_argument("--only-large-kernels", action="store_true", help="mask only the large-kernel branches")
+    g.add_argument("--only-large-kernels", action="store_true",
+                   help="mask only the large-kernel LoRA1 / LoRA2 branches (official --only-L)")
+    g.add_argument("--fix", action="store_true",
+                   help="static sparsity: keep the initial masks, no prune / grow (official --fix)")
     g.add_argument("--lk-granularity", default="block", choices=LK_GRANULARITIES)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None, help="checkpoints and summary.json go here; never written over: a new run needs a "
@@ -197,6 +206,8 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup-epochs: expected at most --epochs ({args.epochs}), got {args.warmup_epochs!r}")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr: expected at most --lr ({args.lr!r}), got {args.min_lr!r}")
+    if args.fix and not args.sparse:
+        raise ValueError("--fix: expected --sparse (static masks need a sparse run), got --no-sparse")
     if args.resume == "auto" and not args.output_dir:
         raise ValueError("--resume: 'auto' needs --output-dir")
     if args.resume is not None and not args.resume:
@@ -457,7 +468,8 @@ def _all_sum(values: Sequence[float], device: torch.device, distributed: bool) -
 #: Flags a resumed run must share with its checkpoint: what the checkpoint restores (a different value would be
 #: silently ignored) or what would make the result a different run. The sparsity ones only when ``--sparse``.
 _RESUME_FLAGS = ("model", "sparse", "model_ema")
-_RESUME_SPARSE_FLAGS = ("density", "growth", "prune_rate", "update_frequency", "only_large_kernels", "lk_granularity")
+_RESUME_SPARSE_FLAGS = ("density", "growth", "prune_rate", "update_frequency", "only_large_kernels", "lk_granularity",
+                        "fix")
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "global_step")
 
 
@@ -652,7 +664,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 snip_data = next(iter(train_loader))
             sparsity = DynamicSparsity(
                 train_model, optimizer, density=args.density, sparse_init=sparse_init, prune_rate=args.prune_rate,
-                growth=args.growth, update_frequency=args.update_frequency, total_steps=total_steps,
+                growth=args.growth, update_frequency=None if args.fix else args.update_frequency,
+                total_steps=total_steps,
                 only_large_kernels=args.only_large_kernels, seed=args.seed, snip_data=snip_data,
                 lk_granularity=args.lk_granularity)
         ema = MaskedEMA(model, decay=args.model_ema_decay) if args.model_ema else None
@@ -693,7 +706,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if sparsity is not None:
                 print(f"sparse: density {sparsity.overall_density():.4f} over {len(sparsity.candidates)} weights "
                       f"({len(sparsity.dense_layers)} kept dense), init {args.sparse_init}, growth {args.growth}, "
-                      f"prune rate {args.prune_rate} every {args.update_frequency} steps, "
+                      + ("topology fixed (--fix), " if args.fix else
+                         f"prune rate {args.prune_rate} every {args.update_frequency} steps, ") +
                       f"large kernels in {args.lk_granularity}s", flush=True)
 
         aug_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
