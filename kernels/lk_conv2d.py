@@ -331,31 +331,40 @@ def lk_conv2d_fwd_kernel(
 
 
 def lk_conv2d_plane_configs():
-    """Autotune candidates of the plane kernels: NB images per tl.dot, IMG images per program (a multiple of NB;
-    more images per program amortise building the Toeplitz operands, fewer give more programs)."""
+    """Autotune candidates of the plane forward kernel: NB images per tl.dot, IMG images per program (a multiple
+    of NB; more images per program amortise building the Toeplitz operands, fewer give more programs), TALL_T (the
+    tall slot transposed; pays on planes of 32 and less). The static model's ranking is in bench/NOTES.md."""
     return [
-        triton.Config({"NB": nb, "IMG": img}, num_warps=w, num_stages=1)
-        for nb, img, w in [(1, 8, 4), (1, 16, 4), (1, 32, 4), (2, 16, 4), (2, 32, 8), (4, 32, 4), (4, 64, 4),
-                           (8, 64, 4), (8, 64, 8)]
+        triton.Config({"NB": nb, "IMG": img, "TALL_T": tt}, num_warps=w, num_stages=1)
+        for nb, img, tt, w in [(1, 8, False, 4), (1, 16, False, 4), (1, 32, False, 4), (2, 16, False, 4),
+                               (2, 32, False, 8), (4, 64, False, 4), (2, 16, True, 4), (4, 32, True, 4),
+                               (4, 64, True, 4), (8, 64, True, 4), (8, 64, True, 8)]
     ]
 
 
 def lk_conv2d_plane_default_config(H, W, elem_bytes=2):
-    """The plane kernels' config where autotuning is off (interpreter, compile-only checks): the static model's
-    best per plane size (bench/NOTES.md); small planes stack more images per dot."""
-    big = max(H, W) > 32
-    nb = 1 if big else 4
-    return {"NB": nb, "IMG": 32 if big else 64, "num_warps": 4, "num_stages": 1}
+    """The plane forward kernel's config where autotuning is off (interpreter, compile-only checks): the static
+    model's best per plane size (bench/NOTES.md); small planes stack more images per dot, tall slot transposed."""
+    if max(H, W) > 32:
+        return {"NB": 1, "IMG": 32, "TALL_T": False, "num_warps": 4, "num_stages": 1}
+    return {"NB": 4, "IMG": 64, "TALL_T": True, "num_warps": 4, "num_stages": 1}
 
 
 def lk_conv2d_plane_dw_configs():
-    """Autotune candidates of the plane weight-gradient kernel: NB images per tl.dot (along its K dimension)."""
-    return [triton.Config({"NB": nb}, num_warps=w, num_stages=1) for nb, w in [(1, 4), (2, 4), (2, 8), (4, 4), (4, 8)]]
+    """Autotune candidates of the plane weight-gradient kernel: NB images per tl.dot (along its K dimension), LG
+    lines accumulated per pass over the images (each pass loads dy once; LG [B, B] fp32 accumulators in
+    registers at once)."""
+    return [triton.Config({"NB": nb, "LG": lg}, num_warps=w, num_stages=1)
+            for nb, lg, w in [(1, 1, 4), (1, 2, 4), (1, 3, 8), (1, 5, 8), (2, 2, 4), (2, 3, 8), (2, 5, 8), (4, 5, 4),
+                              (4, 5, 8)]]
 
 
 def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2):
-    """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md)."""
-    return {"NB": 1 if max(H, W) > 32 else 4, "num_warps": 4, "num_stages": 1}
+    """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md): every line of a slot in
+    one pass where the accumulators fit (planes up to 32), else 3 lines per pass with 8 warps."""
+    if max(H, W) > 32:
+        return {"NB": 1, "LG": 3, "num_warps": 8, "num_stages": 1}
+    return {"NB": 4, "LG": 5, "num_warps": 4, "num_stages": 1}
 
 
 def plane_pad(n):
@@ -373,13 +382,30 @@ def _aligned(v, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _line_trips(act_ptr, c, line, LINES: tl.constexpr, SPARSE: tl.constexpr):
-    """1 if line ``line`` of channel ``c`` is computed, else 0: the trip count of the loop that computes it. (The
-    same code as an ``if``; as a loop, the launch plan can tell the static model the fraction of active lines as
-    its mean trip count, sass_model counting both sides of an ``if`` as executed.)"""
+def _in_registers(t):
+    """``t`` itself (up to the sign of zeros): any elementwise op makes Triton feed a dot's A operand from registers
+    rather than from shared memory, so that an operand shared by several dots is converted once and the wgmmas
+    read only B from shared memory (adding +0.0 only turns -0.0 into +0.0, which no product sum can see)."""
+    return t + 0.0
+
+
+@triton.jit
+def _line_on(act_ptr, c, line, LINES: tl.constexpr, SPARSE: tl.constexpr):
+    """Whether line ``line`` of channel ``c`` is computed: its flag in the [C, LINES] table when SPARSE, else a
+    compile-time True (the branch disappears)."""
     if SPARSE:
-        return tl.load(act_ptr + c * LINES + line)
-    return 1
+        return tl.load(act_ptr + c * LINES + line) != 0
+    return True
+
+
+@triton.jit
+def _mma_anchor(acc, DT: tl.constexpr):
+    """``acc`` unchanged (plus a k=16 product of zero tiles): keeps an accumulator that flows through line
+    branches in the MMA layout. Without a dot after the branches, Triton propagates the store's layout back into
+    them and converts the accumulator (through shared memory) inside every branch."""
+    M: tl.constexpr = acc.shape[0]
+    N: tl.constexpr = acc.shape[1]
+    return tl.dot(tl.zeros((M, 16), dtype=DT), tl.zeros((16, N), dtype=DT), acc)
 
 
 @triton.jit
@@ -427,18 +453,20 @@ def lk_conv2d_plane_fwd_kernel(
     FLIP: tl.constexpr,       # correlate with the 180-degree rotated kernels (the input gradient)
     ALIGN: tl.constexpr,      # W, the row / image / channel strides of x and y and both base pointers are
                               # multiples of ALIGN elements (host-checked; 16-byte vector loads when 16 // elt)
-    WIDE_IDX: tl.constexpr,   # in-plane offsets in int64
+    WIDE_IDX: tl.constexpr,   # offsets inside a group of NB images in int64 (host: plane_wide_idx)
     DOT_PREC: tl.constexpr,   # input_precision of fp32 dots
     DOT_UPCAST: tl.constexpr, # dots in fp32 (interpreter + bf16 only: its tl.dot multiplies bf16 bit patterns)
     BH: tl.constexpr, BW: tl.constexpr,       # plane_pad(H), plane_pad(W)
     NB: tl.constexpr,         # images per tl.dot
     IMG: tl.constexpr,        # images per program (a multiple of NB)
+    TALL_T: tl.constexpr = False,   # the tall slot as X_j^T @ T_j^T: images stacked along M as in the wide slot,
+                                    # both Toeplitz operands B operands, the sum in the wide layout
 ):
     """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
     y = sum_j T_j @ X_j + sum_i X_i @ U_i (+ bias), the T_j / U_i built once per program (see above)."""
     pid = tl.program_id(0)
     c = pid % C
-    n_start = (pid // C) * IMG
+    n_start = (pid // C).to(tl.int64) * IMG      # int64: image offsets n * sxn may pass 2**31
     n_stop = tl.minimum(n_start + IMG, N)
     sxn = _aligned(sxn, ALIGN)
     sxc = _aligned(sxc, ALIGN)
@@ -457,7 +485,10 @@ def lk_conv2d_plane_fwd_kernel(
     # The channel's Toeplitz operands, built once (loop-invariant: they stay in shared memory).
     ts = ()
     for j in tl.static_range(KW_T):
-        ts = ts + (_tall_toeplitz(wt_ptr + c64 * swt_c, swt_h, swt_w, j, ar_h, KH_T, KW_T, FLIP),)
+        t = _tall_toeplitz(wt_ptr + c64 * swt_c, swt_h, swt_w, j, ar_h, KH_T, KW_T, FLIP)
+        if TALL_T:
+            t = tl.trans(t)
+        ts = ts + (t,)
     us = ()
     for i in tl.static_range(KH_W):
         us = us + (_wide_toeplitz(ww_ptr + c64 * sww_c, sww_h, sww_w, i, ar_w, KH_W, KW_W, FLIP),)
@@ -471,59 +502,96 @@ def lk_conv2d_plane_fwd_kernel(
     rb = rq // BH
     if WIDE_IDX:
         cw = cw.to(tl.int64)
+        cb = cb.to(tl.int64)
         rh = rh.to(tl.int64)
+        rb = rb.to(tl.int64)
     x_c = x_ptr + c64 * sxc
     y_c = y_ptr + c64 * syc
     if HAS_BIAS:
         bias = tl.load(b_ptr + c).to(tl.float32)
     row_in = ar_h < H
 
+    # Offsets inside a group of NB images from its first image (int32 unless WIDE_IDX): loop-invariant.
+    off_t = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw      # tall layout [BH, NB*BW]
+    off_w = rb[:, None] * sxn + rh[:, None] * sxh + ar_w[None, :] * sxw      # wide layout [NB*BH, BW]
+    off_y = cb[None, :] * syn + ar_h[:, None] * syh + cw[None, :] * syw
+    off_tt = off_t     # (unused unless TALL_T)
+    off_yw = off_y
+    if TALL_T:
+        # the tall operand X_j^T [NB*BW, BH]: row (image, column), column = input row
+        qb = tl.arange(0, NB * BW) // BW
+        qw = tl.arange(0, NB * BW) % BW
+        off_tt = qb[:, None] * sxn + qw[:, None] * sxw + ar_h[None, :] * sxh
+        off_yw = rb[:, None] * syn + rh[:, None] * syh + ar_w[None, :] * syw
+
     for n0 in range(n_start, n_stop, NB):
-        acc_t = tl.zeros((BH, NB * BW), dtype=tl.float32)
+        if TALL_T:
+            acc_t = tl.zeros((NB * BW, BH), dtype=tl.float32)
+        else:
+            acc_t = tl.zeros((BH, NB * BW), dtype=tl.float32)
         acc_w = tl.zeros((NB * BH, BW), dtype=tl.float32)
         img_c = (n0 + cb) < n_stop
         img_r = (n0 + rb) < n_stop
-        xc = x_c + (n0 + cb).to(tl.int64) * sxn       # [NB*BW] image base of each tall-layout column
-        xr = x_c + (n0 + rb).to(tl.int64) * sxn       # [NB*BH] image base of each wide-layout row
+        x_g = x_c + n0 * sxn      # the group's first image (n0 is int64)
         for j in tl.static_range(KW_T):
             # (the flags index the stored lines; FLIP reads stored line KW_T - 1 - j)
-            for _t in range(_line_trips(t_act_ptr, c, KW_T - 1 - j if FLIP else j, KW_T, SPARSE_T)):
-                cols = cw + (j - KW_T // 2)
-                xt = tl.load(xc[None, :] + ar_h[:, None] * sxh + cols[None, :] * sxw,
-                             mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img_c)[None, :], other=0.0)
+            if _line_on(t_act_ptr, c, KW_T - 1 - j if FLIP else j, KW_T, SPARSE_T):
+                if TALL_T:
+                    qcols = tl.arange(0, NB * BW) % BW + (j - KW_T // 2)
+                    qimg = (n0 + tl.arange(0, NB * BW) // BW) < n_stop
+                    xt = tl.load(x_g + off_tt + (j - KW_T // 2) * sxw,
+                                 mask=((qcols >= 0) & (qcols < W) & qimg)[:, None] & row_in[None, :], other=0.0)
+                else:
+                    cols = cw + (j - KW_T // 2)
+                    xt = tl.load(x_g + off_t + (j - KW_T // 2) * sxw,
+                                 mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img_c)[None, :], other=0.0)
                 t = ts[j]
                 if DOT_UPCAST:
                     t = t.to(tl.float32)
                     xt = xt.to(tl.float32)
-                acc_t = tl.dot(t, xt, acc_t, input_precision=DOT_PREC)
+                if TALL_T:
+                    acc_t = tl.dot(xt, t, acc_t, input_precision=DOT_PREC)
+                else:
+                    acc_t = tl.dot(t, xt, acc_t, input_precision=DOT_PREC)
+        if SPARSE_T:
+            acc_t = _mma_anchor(acc_t, x_ptr.dtype.element_ty if not DOT_UPCAST else tl.float32)
         for i in tl.static_range(KH_W):
-            for _w in range(_line_trips(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W)):
+            if _line_on(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W):
                 rows = rh + (i - KH_W // 2)
-                xw = tl.load(xr[:, None] + rows[:, None] * sxh + ar_w[None, :] * sxw,
+                xw = tl.load(x_g + off_w + (i - KH_W // 2) * sxh,
                              mask=((rows >= 0) & (rows < H) & img_r)[:, None] & (ar_w < W)[None, :], other=0.0)
                 u = us[i]
                 if DOT_UPCAST:
                     u = u.to(tl.float32)
                     xw = xw.to(tl.float32)
                 acc_w = tl.dot(xw, u, acc_w, input_precision=DOT_PREC)
-        if NB == 1:
-            acc = acc_t + acc_w
-        else:   # the wide accumulator to the tall layout, once per NB images
-            acc = acc_t + tl.reshape(tl.permute(tl.reshape(acc_w, (NB, BH, BW)), (1, 0, 2)), (BH, NB * BW))
-        if HAS_BIAS:
-            acc += bias
-        y_ptrs = y_c + (n0 + cb).to(tl.int64)[None, :] * syn + ar_h[:, None] * syh + cw[None, :] * syw
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in[:, None] & ((cw < W) & img_c)[None, :])
+        if SPARSE_W:
+            acc_w = _mma_anchor(acc_w, x_ptr.dtype.element_ty if not DOT_UPCAST else tl.float32)
+        if TALL_T:   # everything in the wide layout [NB*BH, BW]
+            acc = acc_w + tl.reshape(tl.permute(tl.reshape(acc_t, (NB, BW, BH)), (0, 2, 1)), (NB * BH, BW))
+            if HAS_BIAS:
+                acc += bias
+            tl.store(y_c + n0 * syn + off_yw, acc.to(y_ptr.dtype.element_ty),
+                     mask=((rh < H) & img_r)[:, None] & (ar_w < W)[None, :])
+        else:
+            if NB == 1:
+                acc = acc_t + acc_w
+            else:   # the wide accumulator to the tall layout, once per NB images
+                acc = acc_t + tl.reshape(tl.permute(tl.reshape(acc_w, (NB, BH, BW)), (1, 0, 2)), (BH, NB * BW))
+            if HAS_BIAS:
+                acc += bias
+            tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty),
+                     mask=row_in[:, None] & ((cw < W) & img_c)[None, :])
 
 
 @triton.jit
-def _diagonal_sums(p, KP: tl.constexpr, OFF: tl.constexpr):
-    """g[k] = sum_h p[h, h + k - OFF] for k < KP (terms outside p count 0): the tap gradients of one line from the
-    correlation matrix p [B(h), B(r)] of output rows and input rows (or columns)."""
+def _diagonal_sums(p, limit, KP: tl.constexpr, OFF: tl.constexpr):
+    """g[k] = sum_h p[h, h + k - OFF] for k < KP, over the columns r < limit of p (others count 0): the tap
+    gradients of one line from the correlation matrix p [B(h), B(r)] of output rows and input rows (or columns)."""
     B: tl.constexpr = p.shape[0]
     h = tl.arange(0, B)[:, None]
     r = h + tl.arange(0, KP)[None, :] - OFF
-    ok = (r >= 0) & (r < B)
+    ok = (r >= 0) & (r < limit)
     g = tl.gather(p, tl.minimum(tl.maximum(r, 0), B - 1), axis=1)
     return tl.sum(tl.where(ok, g, 0.0), axis=0)
 
@@ -536,38 +604,50 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                   BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
     """Tall lines J0 .. J0+LG-1 (those < KW) over the program's images: P_j += DY @ X_j^T for every image group
     (dy loaded once per group for all the lines), then the lines' tap gradients (diagonal sums of P_j) are written
-    to dwt_c [KH, KW]. With BIAS, also adds the images' dy to acc_b. Returns acc_b."""
+    to dwt_c [KH, KW]. BIAS: 1 = add the images' dy to acc_b; 2 = the bias gradient by the tensor cores: the centre
+    line's X gets a row of ones in its padding row BH - 1 (needs H < BH), so that column BH - 1 of its P sums dy;
+    acc_b[0, 0] receives it. Returns acc_b."""
     NL: tl.constexpr = min(LG, KW - J0)
-    trips = ()
+    live = ()
     accs = ()
     for l in tl.static_range(NL):
-        trips = trips + (_line_trips(t_act_ptr, c, J0 + l, KW, SPARSE),)
+        live = live + (_line_on(t_act_ptr, c, J0 + l, KW, SPARSE),)
         accs = accs + (tl.zeros((BH, BH), dtype=tl.float32),)
     row_in = ar_h < H
+    # offsets inside a group of NB images from its first image (tall layout [BH, NB*BW]): loop-invariant
+    off_d = cb[None, :] * sdn + ar_h[:, None] * sdh + cw[None, :] * sdw
+    off_x = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw
     for n0 in range(n_start, n_stop, NB):
         img = (n0 + cb) < n_stop
-        nofs = (n0 + cb).to(tl.int64)
-        dy = tl.load(d_c + nofs[None, :] * sdn + ar_h[:, None] * sdh + cw[None, :] * sdw,
-                     mask=row_in[:, None] & ((cw < W) & img)[None, :], other=0.0)
-        if BIAS:
+        x_g = x_c + n0 * sxn     # n0 is int64
+        dy = tl.load(d_c + n0 * sdn + off_d, mask=row_in[:, None] & ((cw < W) & img)[None, :],
+                     other=0.0)
+        if BIAS == 1:
             acc_b += dy.to(tl.float32)
         if DOT_UPCAST:
             dy = dy.to(tl.float32)
+        dy = _in_registers(dy)   # the A operand of every line's dot
         new = ()
         for l in tl.static_range(NL):
             p = accs[l]
-            for _t in range(trips[l]):
+            if live[l]:
                 cols = cw + (J0 + l - KW // 2)
-                xt = tl.load(x_c + nofs[None, :] * sxn + ar_h[:, None] * sxh + cols[None, :] * sxw,
+                xt = tl.load(x_g + off_x + (J0 + l - KW // 2) * sxw,
                              mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img)[None, :], other=0.0)
                 if DOT_UPCAST:
                     xt = xt.to(tl.float32)
+                if BIAS == 2 and J0 + l == KW // 2:
+                    xt = tl.where((ar_h == BH - 1)[:, None] & ((cw < W) & img)[None, :], 1.0, xt)
                 p = tl.dot(dy, tl.trans(xt), p, input_precision=DOT_PREC)
             new = new + (p,)
         accs = new
     kk = tl.arange(0, KP)
     for l in tl.static_range(NL):   # an inactive line kept its zero accumulator: zero gradient
-        tl.store(dwt_c + kk * KW + (J0 + l), _diagonal_sums(accs[l], KP, KH // 2), mask=kk < KH)
+        tl.store(dwt_c + kk * KW + (J0 + l), _diagonal_sums(accs[l], H, KP, KH // 2), mask=kk < KH)
+        if BIAS == 2 and J0 + l == KW // 2:
+            ones_col = (tl.arange(0, BH) == BH - 1)[None, :]
+            acc_b += tl.where((tl.arange(0, acc_b.shape[0]) == 0)[:, None] & (tl.arange(0, acc_b.shape[1]) == 0)[None, :],
+                              tl.sum(tl.where(ones_col, accs[l], 0.0)), 0.0)
     return acc_b
 
 
@@ -578,38 +658,48 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                   BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
                   BW: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
     """Wide lines I0 .. I0+LG-1: Q_i += DY^T @ X_i ([BW, BW]) per image group, then dww_c[i, k] = the diagonal
-    sums of Q_i. The transpose of ``_dw_tall_pass`` (images stacked along rows)."""
+    sums of Q_i. The transpose of ``_dw_tall_pass`` (images stacked along rows; BIAS 2 uses column BW - 1)."""
     NL: tl.constexpr = min(LG, KH - I0)
-    trips = ()
+    live = ()
     accs = ()
     for l in tl.static_range(NL):
-        trips = trips + (_line_trips(w_act_ptr, c, I0 + l, KH, SPARSE),)
+        live = live + (_line_on(w_act_ptr, c, I0 + l, KH, SPARSE),)
         accs = accs + (tl.zeros((BW, BW), dtype=tl.float32),)
     col_in = ar_w < W
+    # offsets inside a group of NB images from its first image (wide layout [NB*BH, BW]): loop-invariant
+    off_d = rb[:, None] * sdn + rh[:, None] * sdh + ar_w[None, :] * sdw
+    off_x = rb[:, None] * sxn + rh[:, None] * sxh + ar_w[None, :] * sxw
     for n0 in range(n_start, n_stop, NB):
         img = (n0 + rb) < n_stop
-        nofs = (n0 + rb).to(tl.int64)
-        dy = tl.load(d_c + nofs[:, None] * sdn + rh[:, None] * sdh + ar_w[None, :] * sdw,
-                     mask=((rh < H) & img)[:, None] & col_in[None, :], other=0.0)
-        if BIAS:
+        x_g = x_c + n0 * sxn     # n0 is int64
+        dy = tl.load(d_c + n0 * sdn + off_d, mask=((rh < H) & img)[:, None] & col_in[None, :],
+                     other=0.0)
+        if BIAS == 1:
             acc_b += dy.to(tl.float32)
         if DOT_UPCAST:
             dy = dy.to(tl.float32)
+        dyt = _in_registers(tl.trans(dy))   # the A operand of every line's dot
         new = ()
         for l in tl.static_range(NL):
             q = accs[l]
-            for _w in range(trips[l]):
+            if live[l]:
                 rows = rh + (I0 + l - KH // 2)
-                xw = tl.load(x_c + nofs[:, None] * sxn + rows[:, None] * sxh + ar_w[None, :] * sxw,
+                xw = tl.load(x_g + off_x + (I0 + l - KH // 2) * sxh,
                              mask=((rows >= 0) & (rows < H) & img)[:, None] & col_in[None, :], other=0.0)
                 if DOT_UPCAST:
                     xw = xw.to(tl.float32)
-                q = tl.dot(tl.trans(dy), xw, q, input_precision=DOT_PREC)
+                if BIAS == 2 and I0 + l == KH // 2:
+                    xw = tl.where(((rh < H) & img)[:, None] & (ar_w == BW - 1)[None, :], 1.0, xw)
+                q = tl.dot(dyt, xw, q, input_precision=DOT_PREC)
             new = new + (q,)
         accs = new
     kk = tl.arange(0, KP)
     for l in tl.static_range(NL):
-        tl.store(dww_c + (I0 + l) * KW + kk, _diagonal_sums(accs[l], KP, KW // 2), mask=kk < KW)
+        tl.store(dww_c + (I0 + l) * KW + kk, _diagonal_sums(accs[l], W, KP, KW // 2), mask=kk < KW)
+        if BIAS == 2 and I0 + l == KH // 2:
+            ones_col = (tl.arange(0, BW) == BW - 1)[None, :]
+            acc_b += tl.where((tl.arange(0, acc_b.shape[0]) == 0)[:, None] & (tl.arange(0, acc_b.shape[1]) == 0)[None, :],
+                              tl.sum(tl.where(ones_col, accs[l], 0.0)), 0.0)
     return acc_b
 
 
@@ -634,9 +724,11 @@ def lk_conv2d_plane_dw_kernel(
     SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     ALIGN: tl.constexpr, WIDE_IDX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BH: tl.constexpr, BW: tl.constexpr,
+    H_PADDED: tl.constexpr,   # H < BH (a padding row exists; W_PADDED: W < BW)
+    W_PADDED: tl.constexpr,
     NB: tl.constexpr,         # images per tl.dot (along its K dimension)
     LG: tl.constexpr,         # lines accumulated together per pass over the images (their [B, B] fp32
-                              # accumulators live in registers at once; the host's plane_dw_line_group)
+                              # accumulators live in registers at once)
     KPT: tl.constexpr,        # next_power_of_2(KH_T) (1 when absent): taps of a tall line
     KPW: tl.constexpr,        # next_power_of_2(KW_W): taps of a wide line
 ):
@@ -650,7 +742,7 @@ def lk_conv2d_plane_dw_kernel(
     pid = tl.program_id(0)
     c = pid % C
     s = pid // C
-    n_start = s * imgs_per_prog
+    n_start = s.to(tl.int64) * imgs_per_prog      # int64: image offsets n * sxn may pass 2**31
     n_stop = tl.minimum(n_start + imgs_per_prog, N)
     sxn = _aligned(sxn, ALIGN)
     sxc = _aligned(sxc, ALIGN)
@@ -672,24 +764,37 @@ def lk_conv2d_plane_dw_kernel(
         ar_h = ar_h.to(tl.int64)
         ar_w = ar_w.to(tl.int64)
         cw = cw.to(tl.int64)
+        cb = cb.to(tl.int64)
         rh = rh.to(tl.int64)
+        rb = rb.to(tl.int64)
     c64 = c.to(tl.int64)
     x_c = x_ptr + c64 * sxc
     d_c = dy_ptr + c64 * sdc
     out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
-    # the bias gradient rides along the first pass over the images
-    acc_bt = tl.zeros((BH, NB * BW), dtype=tl.float32)
-    acc_bw = tl.zeros((NB * BH, BW), dtype=tl.float32)
+    # The bias gradient rides along the pass over the images that holds the slot's centre line: computed by its
+    # dot when the plane has a padding row (column) to hold ones (BIAS_* 2), else summed from dy (1).
+    if HAS_BIAS and KW_T > 0:
+        BIAS_T: tl.constexpr = 2 if H_PADDED else 1
+    else:
+        BIAS_T: tl.constexpr = 0
+    if HAS_BIAS and KW_T == 0:
+        BIAS_W: tl.constexpr = 2 if W_PADDED else 1
+    else:
+        BIAS_W: tl.constexpr = 0
+    acc_bt = tl.zeros((BH, NB * BW) if BIAS_T == 1 else (1, 1), dtype=tl.float32)
+    acc_bw = tl.zeros((NB * BH, BW) if BIAS_W == 1 else (1, 1), dtype=tl.float32)
     for j0 in tl.static_range(0, KW_T, LG):
         acc_bt = _dw_tall_pass(acc_bt, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_h, cw, cb, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,
-                               SPARSE=SPARSE_T, BIAS=HAS_BIAS and j0 == 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST,
-                               BH=BH, NB=NB, KP=KPT)
+                               SPARSE=SPARSE_T,
+                               BIAS=BIAS_T if (j0 <= KW_T // 2 and KW_T // 2 < j0 + LG) or BIAS_T == 1 and j0 == 0
+                               else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT)
     for i0 in tl.static_range(0, KH_W, LG):
         acc_bw = _dw_wide_pass(acc_bw, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_w, rh, rb, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,
-                               SPARSE=SPARSE_W, BIAS=HAS_BIAS and KW_T == 0 and i0 == 0, DOT_PREC=DOT_PREC,
-                               DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)
+                               SPARSE=SPARSE_W,
+                               BIAS=BIAS_W if (i0 <= KH_W // 2 and KH_W // 2 < i0 + LG) or BIAS_W == 1 and i0 == 0
+                               else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)
     if HAS_BIAS:
         tl.store(db_ptr + out_c, tl.sum(tl.sum(acc_bt, axis=1), axis=0) + tl.sum(tl.sum(acc_bw, axis=1), axis=0))
 

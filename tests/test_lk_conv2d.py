@@ -465,9 +465,11 @@ def test_only_active_lines_are_computed(density, dtype, path):
     (5, dict(BH=16, BW=32, CK=32, NB=4), torch.float32),
     (2, dict(BH=32, BW=16, CK=16, NB=2), torch.float32),
     # plane kernel (16-bit): NB images per dot, IMG per program
-    (3, dict(NB=2, IMG=2), torch.float16),                # the second program has one image, half a dot
-    (7, dict(NB=2, IMG=4), torch.bfloat16),
-    (5, dict(NB=4, IMG=8), torch.float16),                 # one program, the dot's last image missing
+    (3, dict(NB=2, IMG=2, TALL_T=False), torch.float16),   # the second program has one image, half a dot
+    (7, dict(NB=2, IMG=4, TALL_T=False), torch.bfloat16),
+    (5, dict(NB=4, IMG=8, TALL_T=False), torch.float16),   # one program, the dot's last image missing
+    (3, dict(NB=2, IMG=2, TALL_T=True), torch.bfloat16),   # the tall slot transposed
+    (5, dict(NB=4, IMG=8, TALL_T=True), torch.float16),
 ])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
@@ -499,7 +501,7 @@ def test_several_images_per_program(N, cfg, dtype, flip, sparse):
     with TritonRan("lk_conv2d_plane_dw_kernel"):
         gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
                                                     sparse_t=meta_t, sparse_w=meta_w,
-                                                    config=dict(NB=cfg["NB"], num_warps=4, num_stages=1))
+                                                    config=dict(NB=cfg["NB"], LG=2, num_warps=4, num_stages=1))
     wd = [wt.detach().double().requires_grad_(True), ww.detach().double().requires_grad_(True)]
     bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
     lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())

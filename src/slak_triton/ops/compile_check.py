@@ -225,6 +225,15 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     reads under 1 MB: both left out)."""
     eb = 4 if dtype == "float32" else 2
     ls = spec_for(kind, N, C, H, W, (K, 5), (5, K), dtype, density < 1)
+    lines_t = lines_w = 5
+    if density < 1 and ls.name.startswith("lk_conv2d_plane"):
+        # The plane kernels skip an inactive line with a branch, and sass_model counts both sides of a branch as
+        # executed: model the call as the same (sparse) kernel over its active lines, round(10 * density) of the
+        # 10 split between the slots (the skipped lines' flag loads and branches are left out: a few instructions
+        # per line and image group).
+        active = round(10 * density)
+        lines_t, lines_w = (active + 1) // 2, active // 2
+        ls = spec_for(kind, N, C, H, W, (K, lines_t), (lines_w, K), dtype, True)
     plans = []
     for c in ls.configs:
         cfg = _config_dict(c)

@@ -356,6 +356,16 @@ def _wide_idx(plane: Tuple[int, int], strides: Sequence[int]) -> bool:
     return (plane[0] + pad) * abs(strides[2]) + (plane[1] + pad) * abs(strides[3]) >= 2**31
 
 
+def _plane_wide_idx(plane: Tuple[int, int], *strides: Sequence[int]) -> bool:
+    """The plane kernels' offsets inside a group of up to 8 images (their largest NB) reach 2**31."""
+    return any(8 * abs(st[0]) + _PLANE_MARGIN * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides) or \
+        any(_wide_idx(plane, st) for st in strides)
+
+
+#: Rows / columns past a plane that the plane kernels' masked loads may point at (padding and line shifts).
+_PLANE_MARGIN = 2 * PLANE_MAX + 2 * MAX_KERNEL_SIZE
+
+
 def _slot_shapes(wt: Optional[torch.Tensor], ww: Optional[torch.Tensor]):
     KH_T, KW_T = (wt.shape[1], wt.shape[2]) if wt is not None else (0, 0)
     KH_W, KW_W = (ww.shape[1], ww.shape[2]) if ww is not None else (0, 0)
@@ -408,7 +418,8 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
     pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
     if use_plane_kernels(H, W, KW_T, KH_W, eb):
-        args.update(ALIGN=_plane_align(W, eb, x_strides, y_strides), BH=plane_pad(H), BW=plane_pad(W))
+        args.update(ALIGN=_plane_align(W, eb, x_strides, y_strides), BH=plane_pad(H), BW=plane_pad(W),
+                    WIDE_IDX=_plane_wide_idx((H, W), x_strides, y_strides))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_plane_fwd_kernel", "fwd", lk_conv2d_plane_fwd_kernel, _plane_fwd_autotuned, args,
                           pointers, lk_conv2d_plane_configs(), lk_conv2d_plane_default_config(H, W, eb),
@@ -444,8 +455,9 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     if use_plane_kernels(H, W, KW_T, KH_W, eb):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
-        args.update(imgs_per_prog=img, ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
-                    BW=plane_pad(W), LG=plane_dw_line_group(H, W), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
+        args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
+                    ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
+                    BW=plane_pad(W), H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
                     KPW=triton.next_power_of_2(KW_W) if KW_W else 1)
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
@@ -577,17 +589,6 @@ def plane_dw_images_per_program(N: int, C: int, sms: int) -> int:
     fp32 partials to sum, one diagonal reduction per line and program)."""
     splits = max(1, min(N, round(2 * sms / C)))
     return triton.cdiv(N, splits)
-
-
-#: fp32 bytes of line accumulators a plane weight-gradient program keeps in registers at once.
-PLANE_DW_ACC_BYTES = 80 * 1024
-
-
-def plane_dw_line_group(H: int, W: int) -> int:
-    """Lines per pass of the plane weight-gradient kernel: as many [B, B] fp32 accumulators as fit in
-    ``PLANE_DW_ACC_BYTES`` (5 at a 64-padded plane: a whole SLaK line set per pass)."""
-    b = max(plane_pad(H), plane_pad(W))
-    return max(1, PLANE_DW_ACC_BYTES // (4 * b * b))
 
 
 def launch_lk_conv2d_bwd_dw(
