@@ -69,6 +69,7 @@ __all__ = [
     "PRETRAINED_CFGS",
     "checkpoint_filter_fn",
     "load_official_checkpoint",
+    "export_official_state_dict",
     "count_parameters",
     "count_macs",
     "register_timm_models",
@@ -831,6 +832,37 @@ def load_official_checkpoint(model: nn.Module, path_or_dict: Union[str, os.PathL
             f"  unexpected keys ({len(result.unexpected_keys)}): {show(result.unexpected_keys)}\n"
             f"  (fused models cannot load unfused checkpoints: load first, then fuse())")
     return result
+
+
+def export_official_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model``'s weights in the official checkpoint layout: every ``weight_mask`` applied (the official code
+    stores sparsity as zeros) and no ``weight_mask`` keys, so the official model definition loads the result with
+    ``strict=True``. Tensors are detached CPU copies. A DDP / ``torch.compile`` wrapper is unwrapped.
+
+    Unfused models, and ``ReparamLKConv`` merged by ``fuse()`` (the official ``lkb_reparam`` keys), export; a fused
+    ``SparseLKConv`` (folded branches with a summed ``bias``: no official equivalent) raises ValueError."""
+    while True:  # unwrap DistributedDataParallel / DataParallel / torch.compile
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLKConv) and not isinstance(m, ReparamLKConv) and m.fused:
+            raise ValueError(f"model: {name} is a fused SparseLKConv (folded branches with a summed bias), which "
+                             f"the official layout cannot express; export the unfused model")
+    masked = {}
+    for name, m in model.named_modules():
+        mask = m._buffers.get("weight_mask") if "weight_mask" in m._buffers else None
+        if isinstance(mask, torch.Tensor) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            masked[(name + "." if name else "") + "weight"] = masked_weight(m)
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "weight_mask" or k.endswith(".weight_mask"):
+            continue
+        out[k] = (masked[k] if k in masked else v).detach().cpu().clone()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
