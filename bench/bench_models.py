@@ -1,6 +1,12 @@
-"""``slak-bench model``: whole SLaK-T/S/B networks, images/s for eval forward (unfused and re-parameterised with
-``.fuse()``) and a training step, on this library's kernels (``triton``) against the PyTorch reference path
-(``torch``: ``use_backend("reference")``, i.e. F.conv2d per branch).
+"""``slak-bench model``: whole networks, images/s for eval forward (unfused and re-parameterised with ``.fuse()``)
+and a training step: SLaK-T/S/B and the ConvNeXt-T comparator (``--variants convnext``: ``slak_convnext_tiny``,
+the official code's ConvNeXt, one 7x7 depthwise conv + BN per block).
+
+Providers: ``triton`` (this library's ``lk_conv2d``), ``torch`` (``use_backend("reference")``: F.conv2d per
+branch on NCHW tensors, as the official code runs in PyTorch) and ``torch-cl`` (the same with the model and the
+input in channels_last, the way PyTorch users run ConvNeXt: cuDNN's depthwise kernels). ``vs torch`` is the speedup
+over ``torch`` of the same model; ``vs CNX-T`` compares images/s with ConvNeXt-T ``torch-cl`` of the same kind when
+ConvNeXt-T is in the run (the end-to-end goal: SLaK-T against ConvNeXt-T on the same GPU).
 
 ``slak_triton.models`` is imported here at module level; when it cannot be imported (not written yet, or broken)
 ``MODELS_IMPORT_ERROR`` holds the reason and ``slak-bench model`` exits with a message instead of crashing.
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 from slak_triton import use_backend
 
 from .env import Progress, cuda_mode, time_fn
-from .report import _f
+from .report import _f, wrap_note
 
 try:
     from slak_triton import models as slak_models
@@ -34,9 +40,10 @@ __all__ = ["VARIANTS", "KINDS", "MODEL_PROVIDERS", "ModelBenchConfig", "run_mode
            "MODELS_IMPORT_ERROR"]
 
 #: variant -> constructor name in slak_triton.models
-VARIANTS = {"T": "slak_tiny", "S": "slak_small", "B": "slak_base"}
+VARIANTS = {"T": "slak_tiny", "S": "slak_small", "B": "slak_base", "convnext": "slak_convnext_tiny"}
+LABELS = {"T": "SLaK-T", "S": "SLaK-S", "B": "SLaK-B", "convnext": "ConvNeXt-T"}
 KINDS = ("eval", "eval-fused", "train")
-MODEL_PROVIDERS = ("triton", "torch")
+MODEL_PROVIDERS = ("triton", "torch", "torch-cl")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Smallest image a SLaK accepts (stem stride 4, then three downsampling layers of 2).
 MIN_IMAGE_SIZE = 32
@@ -85,6 +92,13 @@ def _build(variant: str, device, dtype) -> torch.nn.Module:
     return ctor().to(device=device, dtype=dtype)
 
 
+def _for_provider(model: torch.nn.Module, x: torch.Tensor, provider: str):
+    """(model, input) in the provider's memory format: channels_last for ``torch-cl``."""
+    if provider == "torch-cl":
+        return model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return model, x
+
+
 def _fused(model: torch.nn.Module) -> torch.nn.Module:
     m = copy.deepcopy(model).eval()
     out = m.fuse()
@@ -130,12 +144,12 @@ def run_model_bench(cfg: ModelBenchConfig, meta: Dict[str, object]) -> List[Dict
             base, build_error = None, f"{type(e).__name__}: {e}"
         for kind in cfg.kinds:
             for prov in cfg.providers:
-                prog.step(f"SLaK-{v} {kind} {prov}")
+                prog.step(f"{LABELS[v]} {kind} {prov}")
                 rec = dict(meta)
-                rec.update(bench="model", where="CPU MODE" if not gpu else "GPU", model=f"SLaK-{v}", kind=kind,
-                           provider=prov, batch=cfg.batch, image_size=cfg.image_size, dtype=cfg.dtype,
+                rec.update(bench="model", where="CPU MODE" if not gpu else "GPU", model=LABELS[v], variant=v,
+                           kind=kind, provider=prov, batch=cfg.batch, image_size=cfg.image_size, dtype=cfg.dtype,
                            status=None, reason=None, ms=None, ms_p20=None, ms_p80=None, images_per_s=None,
-                           speedup_vs_torch=None)
+                           speedup_vs_torch=None, throughput_vs_convnext=None)
                 if build_error is not None:
                     rec.update(status="error", reason=build_error)
                 elif prov == "triton" and not gpu:
@@ -143,9 +157,10 @@ def run_model_bench(cfg: ModelBenchConfig, meta: Dict[str, object]) -> List[Dict
                                                             "is too slow; `slak-bench op` checks the kernels")
                 else:
                     try:
-                        model = copy.deepcopy(base) if kind == "train" else base
+                        model = copy.deepcopy(base) if kind == "train" or prov == "torch-cl" else base
+                        model, xin = _for_provider(model, x, prov)
                         with use_backend("triton" if prov == "triton" else "reference"):
-                            t = _timed(kind, model, x, labels, cfg)
+                            t = _timed(kind, model, xin, labels, cfg)
                         rec.update(status="timed", ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80,
                                    images_per_s=cfg.batch / (t.ms * 1e-3))
                         if not gpu:
@@ -157,24 +172,66 @@ def run_model_bench(cfg: ModelBenchConfig, meta: Dict[str, object]) -> List[Dict
         if gpu:
             torch.cuda.empty_cache()
     ref = {(r["model"], r["kind"]): r["ms"] for r in records if r["provider"] == "torch" and r["ms"]}
+    cnx = {r["kind"]: r["images_per_s"] for r in records
+           if r["variant"] == "convnext" and r["provider"] == "torch-cl" and r["images_per_s"]}
     for r in records:
         b = ref.get((r["model"], r["kind"]))
         if b and r["ms"]:
             r["speedup_vs_torch"] = b / r["ms"]
+        c = cnx.get(r["kind"])
+        if c and r["images_per_s"]:
+            r["throughput_vs_convnext"] = r["images_per_s"] / c
     return records
 
 
 def format_model_table(records: Sequence[Dict[str, object]]) -> str:
-    head = (f"{'where':<10} {'model':<7} {'kind':<10} {'provider':<8} {'NxHxW':<11} {'dtype':<5} {'ms':>9} "
-            f"{'images/s':>9} {'vs torch':>8}  note")
-    lines = [head, "-" * len(head)]
+    """Compact table (fits 100 columns): one line per (model, kind), ms and images/s per provider. In CPU mode a
+    title line says so and the Triton column, not timed there, is left out (a note says why)."""
+    if not records:
+        return "(no records)"
+    cpu = bool(records[0]["cpu_mode"])
+    providers = [p for p in dict.fromkeys(str(r["provider"]) for r in records)
+                 if not (cpu and all(r["status"] == "unavailable" for r in records if r["provider"] == p))]
+    rows: Dict[tuple, Dict[str, Dict[str, object]]] = {}
     for r in records:
-        where = "[CPU MODE]" if r["cpu_mode"] else "GPU"
-        ms = _f(r["ms"], ".4g")
-        ips = _f(r["images_per_s"], ".1f")
-        sp = "-" if r["speedup_vs_torch"] is None else _f(r["speedup_vs_torch"], ".2f") + "x"
-        note = "" if r["status"] == "timed" and not r["reason"] else f"{r['status'].upper()}: {r['reason']}"
-        lines.append(f"{where:<10} {r['model']:<7} {r['kind']:<10} {r['provider']:<8} "
-                     f"{str(r['batch']) + 'x' + str(r['image_size']) + 'x' + str(r['image_size']):<11} "
-                     f"{r['dtype']:<5} {ms:>9} {ips:>9} {sp:>8}  {note}")
-    return "\n".join(lines)
+        rows.setdefault((r["model"], r["kind"]), {})[str(r["provider"])] = r
+    r0 = records[0]
+    size = f"batch {r0['batch']} x {r0['image_size']}x{r0['image_size']} {r0['dtype']}"
+    lines = [f"CPU MODE: whole networks timed on the CPU at a reduced size ({size}); not GPU numbers"
+             if cpu else f"GPU: {size}; ms per call (median), images/s"]
+    head = f"{'model':<11} {'kind':<10}" + "".join(f"{p + ' ms':>12}{'img/s':>8}" for p in providers)
+    show_cnx = any(r.get("throughput_vs_convnext") for r in records)
+    if not cpu:
+        head += f"{'vs torch':>9}"
+    if show_cnx:
+        head += f"{'vs CNX-T':>9}"
+    lines += [head, "-" * len(head)]
+    notes: List[str] = []
+    for (model, kind), by in rows.items():
+        line = f"{model:<11} {kind:<10}"
+        for p in providers:
+            r = by.get(p)
+            if r is None or r["status"] != "timed":
+                cell = "" if r is None else {"unavailable": "n/a", "error": "ERROR"}.get(str(r["status"]), "?")
+                line += f"{cell:>12}{'':>8}"
+            else:
+                line += f"{_f(r['ms'], '.4g'):>12}{_f(r['images_per_s'], '.1f'):>8}"
+        best = by.get("triton") if not cpu else None
+        if not cpu:
+            sp = _f(best.get("speedup_vs_torch") if best else None, ".2f")
+            line += f"{sp + ('x' if sp != '-' else ''):>9}"
+        if show_cnx:
+            fastest = max((r for r in by.values() if r.get("throughput_vs_convnext")),
+                          key=lambda r: r["throughput_vs_convnext"], default=None)
+            c = _f(fastest["throughput_vs_convnext"] if fastest else None, ".2f")
+            line += f"{c + ('x' if c != '-' else ''):>9}"
+        lines.append(line.rstrip())
+        for p, r in by.items():
+            if r["status"] == "error" or (r["status"] == "unavailable" and (not cpu or p != "triton")):
+                notes.append(f"{r['status']}: {model} {kind} {p} ({r['reason']})")
+    if cpu and any(r["provider"] == "triton" for r in records):
+        notes.append("triton: not timed in CPU mode (a whole network under the interpreter is too slow); "
+                     "`slak-bench op` checks the kernels")
+    if show_cnx:
+        notes.append("vs CNX-T: images/s of the line's fastest provider over ConvNeXt-T torch-cl, same kind")
+    return "\n".join(lines + [wrap_note(n) for n in dict.fromkeys(notes)])

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -25,7 +26,7 @@ from . import bench_lk_conv2d as op_bench
 from . import bench_models
 from . import counters, report
 from .env import CPU_MODE_NOTE, CPU_THREADS, cpu_mode_threads, cuda_mode, lookup_peaks, measure_ceilings, run_metadata
-from .report import PlotUnavailable, format_op_table, write_csv, write_json, write_plot
+from .report import PlotUnavailable, format_op_table, format_op_table_wide, write_csv, write_json, write_plot
 from .shapes import reduce_for_cpu, select_shapes
 
 __all__ = ["main", "build_parser"]
@@ -93,12 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default=None, type=lambda v: _csv_list(v, op_bench.PROVIDERS, "--providers"))
     p.add_argument("--plot", metavar="PNG", type=Path, help="write a bar chart (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wide", action="store_true",
+                   help="one table line per record with every field (about 200 columns) instead of the compact table")
     _add_output_options(p)
 
-    m = sub.add_parser("model", help="SLaK-T/S/B images/s: eval (unfused, fused) and training step",
-                       description="Whole-network throughput against the PyTorch reference path.")
-    m.add_argument("--quick", action="store_true", help="SLaK-T only, batch 16 (CPU mode: batch 1 at 64x64)")
-    m.add_argument("--variants", default=None, type=lambda v: _csv_list(v, tuple(bench_models.VARIANTS), "--variants"))
+    m = sub.add_parser("model", help="SLaK-T/S/B and ConvNeXt-T images/s: eval (unfused, fused) and training step",
+                       description="Whole-network throughput: this library's op (triton) against PyTorch (torch: "
+                                   "NCHW, torch-cl: channels_last), SLaK against the ConvNeXt-T comparator.")
+    m.add_argument("--quick", action="store_true",
+                   help="SLaK-T and ConvNeXt-T, batch 16 (CPU mode: batch 1 at 64x64)")
+    m.add_argument("--variants", default=None, type=lambda v: _csv_list(v, tuple(bench_models.VARIANTS), "--variants"),
+                   help="comma-separated subset of T, S, B, convnext (default: all on a GPU; T,convnext with --quick "
+                        "or in CPU mode)")
     m.add_argument("--kinds", default=None, type=lambda v: _csv_list(v, bench_models.KINDS, "--kinds"))
     m.add_argument("--batch", type=int, default=None)
     m.add_argument("--image-size", type=int, default=None)
@@ -143,15 +150,25 @@ def _meta(args) -> dict:
     return meta
 
 
+def _wrap(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, width=100, subsequent_indent=indent, break_on_hyphens=False)
+
+
 def _banner(meta: dict) -> None:
     if meta["cpu_mode"]:
-        print(f"*** {CPU_MODE_NOTE} ***")
-    print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit "
-          f"{meta['git_commit'][:12]}{' (dirty)' if meta['git_dirty'] else ''} | {meta['date']} | autotune "
-          f"{'on' if meta['autotune'] else 'off'}")
+        print(_wrap(f"*** {CPU_MODE_NOTE} ***"))
+    date = str(meta["date"])[:16].replace("T", " ")
+    print(_wrap(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit "
+                f"{meta['git_commit'][:10]}{' (dirty)' if meta['git_dirty'] else ''} | {date} | autotune "
+                f"{'on' if meta['autotune'] else 'off'}", indent="  "))
     if meta.get("ceilings"):
         c = meta["ceilings"]
         print(f"measured ceilings: copy {c['copy_tbs']:.2f} TB/s, matmul ({c['matmul']}) {c['matmul_tflops']:.1f} TFLOP/s")
+
+
+def _footer(meta: dict) -> None:
+    if meta["cpu_mode"]:
+        print("*** CPU MODE: not GPU numbers (run on a CUDA machine for the Triton timings) ***")
 
 
 def _write_outputs(args, records, meta, fmt_extra=None) -> int:
@@ -210,14 +227,13 @@ def _cmd_op(args, parser) -> int:
     with cpu_mode_threads(CPU_THREADS):
         records = op_bench.run_op_bench(cfg, meta, peaks, meta.get("ceilings"),
                                         checkpoint if args.json else None)
-    print(format_op_table(records))
-    if meta["cpu_mode"]:
-        print(f"*** {CPU_MODE_NOTE} ***")
+    print(format_op_table_wide(records) if args.wide else format_op_table(records))
+    _footer(meta)
     rc = _write_outputs(args, records, meta)
     bad = [r for r in records if r["status"] == "error" or r["check_ok"] is False]
-    unavailable = sorted({r["reason"] for r in records if r["status"] == "unavailable"})
-    for reason in unavailable:
-        print(f"unavailable: {reason}")
+    if args.wide:
+        for reason in sorted({r["reason"] for r in records if r["status"] == "unavailable"}):
+            print(f"unavailable: {reason}")
     if bad:
         print(f"slak-bench: {len(bad)} line(s) failed (status error or check failed)", file=sys.stderr)
         return 1
@@ -236,7 +252,7 @@ def _cmd_model(args, parser) -> int:
     else:
         batch, size = 1, 64
     cfg = bench_models.ModelBenchConfig(
-        variants=args.variants or (("T",) if args.quick or not gpu else tuple(bench_models.VARIANTS)),
+        variants=args.variants or (("T", "convnext") if args.quick or not gpu else tuple(bench_models.VARIANTS)),
         kinds=args.kinds or bench_models.KINDS,
         batch=args.batch if args.batch is not None else batch,
         image_size=args.image_size if args.image_size is not None else size, dtype=args.dtype,
@@ -247,8 +263,7 @@ def _cmd_model(args, parser) -> int:
     with cpu_mode_threads(CPU_THREADS):
         records = bench_models.run_model_bench(cfg, meta)
     print(bench_models.format_model_table(records))
-    if meta["cpu_mode"]:
-        print(f"*** {CPU_MODE_NOTE} ***")
+    _footer(meta)
     rc = _write_outputs(args, records, meta)
     if any(r["status"] == "error" for r in records):
         return 1

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -215,7 +216,11 @@ def cpu_mode_threads(n: int = 1):
 
 
 class Progress:
-    """A one-line progress display on stderr (rewritten in place on a terminal, one line per step otherwise)."""
+    """A progress display on stderr.
+
+    On a terminal: one live line, rewritten in place and cut to the terminal's width; a finished phase clears its
+    line, so consecutive phases (check, then timing) share that one line and the table prints on a clean screen.
+    Elsewhere (CI logs, pipes): one summary line per phase when it ends, instead of a line per step."""
 
     def __init__(self, title: str, total: int, enabled: bool = True):
         self.title, self.total, self.done = title, total, 0
@@ -228,15 +233,18 @@ class Progress:
         if not self.enabled:
             return
         el = time.perf_counter() - self.t0
-        width = 24
-        fill = int(width * self.done / self.total)
-        line = f"{self.title} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {el:6.1f}s {what}"
-        if self.tty:
-            sys.stderr.write("\r\033[K" + line[:160])
+        if not self.tty:
             if self.done == self.total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
+                sys.stderr.write(f"{self.title}: {self.total} steps in {el:.1f}s\n")
+                sys.stderr.flush()
+            return
+        width = 20
+        fill = int(width * self.done / self.total)
+        line = f"{self.title} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {el:5.1f}s {what}"
+        cols = shutil.get_terminal_size((100, 24)).columns
+        sys.stderr.write("\r\033[K" + line[:max(20, cols - 1)])
+        if self.done == self.total:
+            sys.stderr.write("\r\033[K")
         sys.stderr.flush()
 
 

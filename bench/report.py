@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -18,7 +19,7 @@ except ImportError as _e:  # optional dependency (extra "bench")
     plt = None
     MATPLOTLIB_ERROR = f"{type(_e).__name__}: {_e}"
 
-__all__ = ["SCHEMA", "format_op_table", "write_json", "write_csv", "write_plot", "MATPLOTLIB_ERROR", "PlotUnavailable"]
+__all__ = ["SCHEMA", "format_op_table", "format_op_table_wide", "wrap_note", "write_json", "write_csv", "write_plot", "MATPLOTLIB_ERROR", "PlotUnavailable"]
 
 SCHEMA = "slak-bench/1"
 
@@ -31,8 +32,81 @@ def _f(v, fmt: str, none: str = "-") -> str:
     return none if v is None else format(v, fmt)
 
 
+_PROVIDER_LABELS = {"triton": "triton", "triton-branch": "branch", "torch": "torch", "torch-cl": "torch-cl"}
+
+
+def wrap_note(text: str, width: int = 100) -> str:
+    """``note: text`` wrapped to ``width`` columns (continuation lines indented)."""
+    return textwrap.fill("note: " + text, width=width, subsequent_indent="      ", break_on_hyphens=False)
+
+
+def _op_cell(r: Optional[Dict[str, object]]) -> str:
+    """One provider's result in the compact table: ms when timed, the interpreter check when only checked."""
+    if r is None:
+        return ""
+    if r["status"] == "timed":
+        cell = _f(r["ms"], ".4g")
+        return cell + ("!" if r.get("check_ok") is False else "")
+    if r["status"] == "checked":
+        return ("ok " if r["check_ok"] else "FAIL ") + _f(r.get("check_rel_err"), ".0e")
+    return {"unavailable": "n/a", "error": "ERROR"}.get(str(r["status"]), str(r["status"]))
+
+
 def format_op_table(records: Sequence[Dict[str, object]]) -> str:
-    """One line per record. In CPU mode every line starts with ``[CPU MODE]``."""
+    """The compact table (fits 100 columns): one line per (shape, dtype, density, mode), one column per provider.
+
+    GPU: milliseconds per provider, then for ``triton`` its speedup over ``torch`` (NCHW), TFLOP/s on useful taps,
+    % of the relevant peak (FP32 FMA for fp32, tensor cores for 16-bit) and % of the memory floor. CPU mode: PyTorch
+    milliseconds (CPU, reduced sizes) and, for the Triton providers, the interpreter check ("ok 1e-07": passed,
+    relative error) -- a title line says it is CPU mode. Notes under the table list errors, unavailable lines and
+    failed checks; ``format_op_table_wide`` has every field."""
+    if not records:
+        return "(no records)"
+    cpu = bool(records[0]["cpu_mode"])
+    providers = list(dict.fromkeys(str(r["provider"]) for r in records))
+    cases: Dict[tuple, Dict[str, Dict[str, object]]] = {}
+    for r in records:
+        key = (r["shape"], f"{r['batch']}x{r['channels']}x{r['height']}x{r['width']}", r["dtype"], r["density"],
+               r["mode"])
+        cases.setdefault(key, {})[str(r["provider"])] = r
+    cw = 11
+    head = f"{'shape':<11} " + (f"{'NxCxHxW':<13} " if cpu else "") + f"{'dtype':<5} {'dens':>4} {'mode':<6}"
+    head += "".join(f"{_PROVIDER_LABELS.get(p, p)[:cw - 1]:>{cw}}" for p in providers)
+    if not cpu:
+        head += f"{'speedup':>8} {'TFLOP/s':>7} {'%peak':>5} {'%mem':>5}"
+    lines = []
+    if cpu:
+        lines.append("CPU MODE: torch ms on the CPU (1 thread, reduced sizes); triton = interpreter check, not timed")
+    else:
+        lines.append("ms per call (median); speedup, TFLOP/s (useful taps), % of peak and of the memory floor: triton")
+    lines += [head, "-" * len(head)]
+    notes: List[str] = []
+    for (shape, dims, dtype, dens, mode), by in cases.items():
+        line = f"{shape:<11} " + (f"{dims:<13} " if cpu else "") + f"{dtype:<5} {dens:>4.1f} {mode:<6}"
+        line += "".join(f"{_op_cell(by.get(p)):>{cw}}" for p in providers)
+        t = by.get("triton")
+        if not cpu:
+            sp = _f(t.get("speedup_vs_torch") if t else None, ".2f")
+            peak = None
+            if t is not None:
+                peak = t.get("pct_fp32_fma_peak") if dtype == "fp32" else t.get("pct_tensor_peak")
+            line += (f"{sp + ('x' if sp != '-' else ''):>8} {_f(t.get('tflops') if t else None, '.3g'):>7} "
+                     f"{_f(peak, '.1f'):>5} {_f(t.get('pct_mem_floor') if t else None, '.1f'):>5}")
+        lines.append(line.rstrip())
+        for p, r in by.items():
+            if r["status"] in ("error", "unavailable"):
+                notes.append(f"{r['status']}: {p} ({r['reason']})")
+            elif r.get("check_ok") is False:
+                notes.append(f"CHECK FAILED: {shape} {dtype} d{dens} {mode} {p}: rel err "
+                             f"{_f(r.get('check_rel_err'), '.1e')} > {_f(r.get('check_tol'), '.0e')}")
+    for n in dict.fromkeys(notes):
+        lines.append(wrap_note(n))
+    return "\n".join(lines)
+
+
+def format_op_table_wide(records: Sequence[Dict[str, object]]) -> str:
+    """One line per record with every field (``slak-bench op --wide``; about 200 columns). In CPU mode every line
+    starts with ``[CPU MODE]``."""
     head = (f"{'where':<10} {'shape':<11} {'NxCxHxW':<16} {'dtype':<5} {'dens':>4} {'mode':<6} {'provider':<13} "
             f"{'ms':>9} {'p20-p80':>17} {'TFLOP/s':>8} {'%FMA':>6} {'%TC':>6} {'%mem':>6} {'vs torch':>8}  note")
     lines = [head, "-" * len(head)]

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before Triton decorates any kernel, i.e. before sla
 imported by pytest before every test module. On a CUDA machine the compiled kernels run instead.
 """
 
+import importlib
 import os
 
 import torch
@@ -49,6 +50,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def require(module: str, why: str):
+    """``pytest.importorskip`` for an optional extra, except where the extras must be there: with
+    ``SLAK_REQUIRE_EXTRAS=1`` (scripts/test.sh, hence CI, installs them and sets it) a missing module fails the test
+    instead of skipping it."""
+    if os.environ.get("SLAK_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=why)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

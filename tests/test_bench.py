@@ -191,9 +191,13 @@ def test_cli_op_cpu_mode_writes_well_formed_records(tmp_path, capsys):
         for prov in bench_lk_conv2d.TRITON_PROVIDERS:
             r = by[(1.0, "fwd", prov)]
             assert r["status"] == "checked" and r["ms"] is None and r["triton_launches"] > 0
-        table_lines = [ln for ln in text.splitlines() if " cpu-tiny " in ln]
-        assert len(table_lines) == len(recs) and all(ln.startswith("[CPU MODE]") for ln in table_lines)
-        assert "NOT GPU numbers" in text
+        # the compact table: one line per (dtype, density, mode), providers as columns, CPU mode said once
+        table_lines = [ln for ln in text.splitlines() if ln.startswith("cpu-tiny ")]
+        assert len(table_lines) == len({(r["dtype"], r["density"], r["mode"]) for r in recs}) == 4
+        assert all(ln.count("ok ") == len(bench_lk_conv2d.TRITON_PROVIDERS) for ln in table_lines)
+        assert any(ln.startswith("CPU MODE:") for ln in text.splitlines())
+        assert "not gpu numbers" in " ".join(text.split()).lower()
+    assert max(len(ln) for ln in text.splitlines()) <= 100
     for mode in ("fwd", "fwdbwd"):
         assert by[(1.0, mode, "torch")]["status"] == "timed"
         assert by[(1.0, mode, "torch")]["speedup_vs_torch"] == pytest.approx(1.0)
@@ -232,6 +236,27 @@ def test_cli_model_subcommand(tmp_path, capsys):
     assert {r["provider"] for r in recs} == set(bench_models.MODEL_PROVIDERS)
     torch_rec = next(r for r in recs if r["provider"] == "torch")
     assert torch_rec["status"] == "timed" and torch_rec["images_per_s"] == pytest.approx(1 / (torch_rec["ms"] * 1e-3))
+
+
+def test_cli_model_convnext_comparator(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["model", "--variants", "convnext,T", "--kinds", "eval", "--batch", "1", "--image-size", "32",
+               "--json", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    recs = json.loads(out.read_text())["records"]
+    by = {(r["model"], r["provider"]): r for r in recs}
+    assert set(by) == {(m, p) for m in ("ConvNeXt-T", "SLaK-T") for p in bench_models.MODEL_PROVIDERS}
+    for m in ("ConvNeXt-T", "SLaK-T"):
+        for p in ("torch", "torch-cl"):
+            assert by[(m, p)]["status"] == "timed"
+        assert by[(m, "triton")]["status"] == ("timed" if ON_GPU else "unavailable")
+    cnx = by[("ConvNeXt-T", "torch-cl")]["images_per_s"]
+    r = by[("SLaK-T", "torch")]
+    assert r["throughput_vs_convnext"] == pytest.approx(r["images_per_s"] / cnx)
+    lines = text.splitlines()
+    assert any(ln.startswith("ConvNeXt-T  eval") for ln in lines) and any(ln.startswith("SLaK-T") for ln in lines)
+    assert max(len(ln) for ln in lines) <= 100
 
 
 def test_gpu_check_script_is_valid_bash():

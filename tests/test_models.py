@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import rel_err, require
 
 import slak_triton
 from slak_triton.models import (
@@ -120,7 +120,7 @@ def official_forward(sd, x, cfg):
         for b in range(cfg["depths"][st]):
             p = f"stages.{st}.{b}."
             lk = 0
-            for br in ("LoRA1", "LoRA2", "small_conv"):
+            for br in ("LoRA1", "LoRA2", "lkb_origin", "small_conv"):
                 q = p + f"large_kernel.{br}."
                 if q + "conv.weight" not in sd:
                     continue
@@ -412,17 +412,20 @@ def test_block_forward_through_triton(gen, device):
 def test_registration_with_a_fake_registry():
     registered = {}
     names = register_timm_models(lambda fn: registered.setdefault(fn.__name__, fn))
-    assert set(names) == set(registered) == {"slak_tiny", "slak_small", "slak_base", "slak_large", "slak_test"}
-    # timm calls entry points with these keyword arguments
-    with torch.device("meta"):
-        m = registered["slak_tiny"](pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-                                    num_classes=21)
-    assert isinstance(m, SLaK) and m.head.out_features == 21
+    assert set(names) == set(registered) == {"slak_tiny", "slak_small", "slak_base", "slak_large",
+                                             "slak_convnext_tiny", "slak_test"}
+    # timm (>= 1.0.13) calls entry points with these keyword arguments
+    m = registered["slak_tiny"](pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+                                num_classes=21, device="meta")
+    assert isinstance(m, SLaK) and m.head.out_features == 21 and m.head.weight.is_meta
     assert MODEL_ENTRYPOINTS["slak_test"] is slak_test
+    # the module path accepts (and ignores) what timm passes, without timm
+    with torch.device("meta"):
+        m = slak_tiny(pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir="/nonexistent", num_classes=3)
+    assert m.head.out_features == 3
 
 
 def test_timm_create_model():
-    timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install slak_triton[timm])")
-    with torch.device("meta"):
-        m = timm.create_model("slak_tiny")
+    timm = require("timm", "timm is an optional extra (pip install slak_triton[timm])")
+    m = timm.create_model("slak_tiny", device="meta")
     assert isinstance(m, SLaK) and count_parameters(m, nonzero=False) == 50_703_838

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import require
 
-pytest.importorskip("sklearn", reason="slak-train's bundled data needs scikit-learn (extra 'train')")
+require("sklearn", "slak-train's bundled data needs scikit-learn (extra 'train')")
 
 from slak_triton import train  # noqa: E402
 from slak_triton.sparse import DynamicSparsity, load_masked_state_dict  # noqa: E402

@@ -32,6 +32,7 @@ from slak_triton.ops.lk_conv2d import MAX_KERNEL_SIZE
 __all__ = [
     "ConvBN",
     "SparseLKConv",
+    "ReparamLKConv",
     "LKConv2d",
     "convert_depthwise",
     "convert_depthwise_plan",
@@ -293,6 +294,115 @@ class SparseLKConv(nn.Module):
         tall + wide + small decomposition, so the result is not a three-branch ``SparseLKConv``; see
         ``LKConv2d.from_conv2d`` for the accepted convs."""
         return LKConv2d.from_conv2d(conv)
+
+
+class ReparamLKConv(SparseLKConv):
+    """RepLKNet's non-decomposed large-kernel module, as the official SLaK code builds it with ``Decom=False``:
+    one K x K depthwise branch plus, when N < K, a small N x N branch, each conv + BatchNorm2d, outputs summed.
+
+    ``y = BN1(conv_{K x K}(x)) + BN2(conv_{N x N}(x))`` (second term only when ``small_kernel`` is not None and
+    N < K; ConvNeXt mode is K = 7 with no small branch, the official ``--kernel_size 7 7 7 7 100``).
+
+    Args:
+        channels: C.
+        kernel_size: K, odd, at most ``MAX_KERNEL_SIZE`` (63).
+        small_kernel: N, odd int, or None for no small branch (an N >= K also builds none, as the official code).
+        bn: per-branch BatchNorm2d.
+
+    Submodules (official keys): ``lkb_origin`` (K x K) and ``small_conv`` (N x N), ``ConvBN`` each. ``fuse()``
+    merges them as the official ``merge_kernel`` does: BNs folded, the small kernel added to the centre of the large
+    one, one ``lkb_reparam`` depthwise conv with bias (keys ``lkb_reparam.weight`` / ``.bias``); forward is then
+    one ``lk_conv2d`` call on one K x K kernel. Masks (``lkb_origin.conv.weight_mask`` ...) carry over: the merged
+    mask is the large kernel's mask with the small kernel's active taps added at the centre.
+
+    Execution, shapes and dtypes as ``SparseLKConv``.
+    """
+
+    BRANCHES = ("lkb_origin", "small_conv")
+
+    def __init__(self, channels: int, kernel_size: int = 31, small_kernel: Optional[int] = 5, *, bn: bool = True):
+        nn.Module.__init__(self)
+        _check_int("channels", channels, 1)
+        _check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE, odd=True)
+        if small_kernel is not None:
+            _check_int("small_kernel", small_kernel, 1, odd=True)
+        if not isinstance(bn, bool):
+            raise TypeError(f"bn: expected a bool, got {type(bn).__name__} ({bn!r})")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.small_kernel = small_kernel
+        self.lkb_origin = ConvBN(channels, (kernel_size, kernel_size), bn)
+        if small_kernel is not None and small_kernel < kernel_size:
+            self.small_conv = ConvBN(channels, (small_kernel, small_kernel), bn)
+        self.register_parameter("bias", None)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            conv = self.lkb_reparam
+            bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+            return lk_conv2d(x, conv.weight.to(x.dtype), bias, mask=getattr(conv, MASK_NAME, None))
+        return super().forward(x)
+
+    def density(self) -> float:
+        if self.fused:
+            with torch.no_grad():
+                conv = self.lkb_reparam
+                return int(torch.count_nonzero(masked_weight(conv))) / conv.weight.numel()
+        return super().density()
+
+    @torch.no_grad()
+    def fuse(self) -> "ReparamLKConv":
+        """Merges the branches into ``lkb_reparam`` (BNs folded with their running statistics, the small kernel
+        added to the centre). Equal to the unfused module in eval mode (fp32: ~1e-6 relative). Idempotent."""
+        if self.fused:
+            return self
+        k = self.kernel_size
+        big = self.lkb_origin
+        w, b = big.folded()
+        mask = big.mask.detach().clone() if big.mask is not None else None
+        # masked taps become exact zeros: the small kernel's taps are added on top and the merged mask marks them
+        w = (w * mask.to(w.dtype) if mask is not None else w).detach().clone()
+        bias = b.detach().clone() if b is not None else None
+        if "small_conv" in self._modules:
+            small = self.small_conv
+            ws, bs = small.folded()
+            if small.mask is not None:
+                ws = ws * small.mask.to(ws.dtype)
+            p = (k - self.small_kernel) // 2
+            w[:, :, p:p + self.small_kernel, p:p + self.small_kernel] += ws
+            if bs is not None:
+                bias = bs.detach().clone() if bias is None else bias + bs
+            if mask is not None:
+                sm = small.mask if small.mask is not None else torch.ones_like(ws)
+                centre = mask[:, :, p:p + self.small_kernel, p:p + self.small_kernel]
+                mask[:, :, p:p + self.small_kernel, p:p + self.small_kernel] = torch.maximum(centre, sm.to(mask.dtype))
+            del self.small_conv
+        conv = nn.Conv2d(self.channels, self.channels, (k, k), padding=(k // 2, k // 2), groups=self.channels,
+                         bias=bias is not None, device=w.device, dtype=w.dtype)
+        conv.weight.copy_(w)
+        conv.weight.requires_grad_(big.conv.weight.requires_grad)
+        if bias is not None:
+            conv.bias.copy_(bias.to(w.dtype))
+        conv.register_buffer(MASK_NAME, mask)
+        del self.lkb_origin
+        self.lkb_reparam = conv
+        self.fused = True
+        return self
+
+    def extra_repr(self) -> str:
+        w = self.lkb_reparam.weight if self.fused else self.lkb_origin.conv.weight
+        s = f"{self.channels}, kernel_size={self.kernel_size}, small_kernel={self.small_kernel}"
+        if not w.is_meta:
+            s += f", density={self.density():.3f}"
+        return s + f", fused={self.fused}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.fused:
+            prepare_mask_for_load(self.lkb_reparam, state_dict, prefix + "lkb_reparam.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from slak_triton.models import MODEL_ENTRYPOINTS, SLaK, _read_checkpoint
+from slak_triton.models import MODEL_ENTRYPOINTS, SLaK, _read_checkpoint, checkpoint_filter_fn, export_official_state_dict
 from slak_triton.ops import interpreter_active, use_backend
 from slak_triton.sparse import (
     GROWTH_MODES,
@@ -67,7 +68,21 @@ except ImportError:
     tv_datasets = None
     tv_transforms = None
 
-__all__ = ["main", "run", "TrainError", "build_parser", "digits_datasets", "build_model", "lr_at", "DIGITS_MODEL"]
+try:  # optional extra "timm": the training recipe (Mixup/CutMix, RandAugment, RandomErasing, layer decay)
+    import numpy as np
+    from timm.data import Mixup as TimmMixup
+    from timm.data import create_transform as timm_create_transform
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing as TimmRandomErasing
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import param_groups_layer_decay
+except ImportError:
+    np = None
+    TimmMixup = timm_create_transform = rand_augment_transform = TimmRandomErasing = None
+    SoftTargetCrossEntropy = param_groups_layer_decay = None
+
+__all__ = ["main", "run", "TrainError", "build_parser", "digits_datasets", "build_model", "lr_at", "DIGITS_MODEL",
+           "Recipe", "build_recipe", "OFFICIAL_AA"]
 
 #: ``--sparse-init`` choices: the random inits ("from_weights" / "resume" need a loaded sparse model; a run's own
 #: masks come back with ``--resume``).
@@ -141,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lk_conv2d backend; 'auto' means reference (F.conv2d) on CPU, Triton on CUDA")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal; else a few lines per epoch)")
+    add_recipe_arguments(p)
     return p
 
 
@@ -218,6 +234,7 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--data-path: expected an existing directory (an ImageFolder root with train/ and val/), "
                          f"got {args.data_path!r}")
     _check_device(args.device)
+    _validate_recipe_args(args)
 
 
 def _check_device(value: Optional[str]) -> None:
@@ -312,7 +329,9 @@ def digits_datasets(size: int = DIGITS_SIZE, test_fraction: float = 0.2, seed: i
     is_test[test_idx] = True
     xtr, ytr, xte, yte = x[~is_test], y[~is_test], x[is_test], y[is_test]
     mean, std = xtr.mean(), xtr.std()
-    return TensorDataset((xtr - mean) / std, ytr), TensorDataset((xte - mean) / std, yte), 10
+    train, test = TensorDataset((xtr - mean) / std, ytr), TensorDataset((xte - mean) / std, yte)
+    train.mean, train.std = float(mean), float(std)  # the recipe's per-image augmentations undo it
+    return train, test, 10
 
 
 class _ImageLoader:
@@ -330,17 +349,14 @@ class _ImageLoader:
             raise TrainError(f"--data-path: cannot read image {path!r} ({type(e).__name__}: {e})") from e
 
 
-def imagefolder_datasets(root: str, size: int) -> Tuple[Dataset, Dataset, int]:
+def imagefolder_datasets(root: str, size: int, recipe_args: Optional[argparse.Namespace] = None
+                         ) -> Tuple[Dataset, Dataset, int]:
     if tv_datasets is None:
         raise TrainError("--data-path: ImageFolder data needs torchvision (pip install torchvision)")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             raise ValueError(f"--data-path: expected an ImageFolder root with {split}/ inside, got {root!r}")
-    norm = tv_transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train_tf = tv_transforms.Compose([tv_transforms.RandomResizedCrop(size), tv_transforms.RandomHorizontalFlip(),
-                                      tv_transforms.ToTensor(), norm])
-    val_tf = tv_transforms.Compose([tv_transforms.Resize(int(size / 0.875)), tv_transforms.CenterCrop(size),
-                                    tv_transforms.ToTensor(), norm])
+    train_tf, val_tf = imagefolder_transforms(size, recipe_args)
     loader = _ImageLoader(tv_datasets.folder.default_loader)
     try:
         train = tv_datasets.ImageFolder(os.path.join(root, "train"), train_tf, loader=loader)
@@ -369,6 +385,281 @@ def _random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> 
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen).tolist()
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen).tolist()
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the training recipe through timm: Mixup/CutMix, RandAugment, RandomErasing, layer decay, gradient accumulation,
+# evaluation-only runs, fine-tuning, best checkpoints and the official export (kept apart from the loop in run())
+# --------------------------------------------------------------------------------------------------------------
+
+#: The official RandAugment policy (ConvNeXt / SLaK ImageNet recipe).
+OFFICIAL_AA = "rand-m9-mstd0.5-inc1"
+#: ImageNet mean / std for ImageFolder data.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "recipe (official ImageNet values in the help; Mixup/CutMix, RandAugment, RandomErasing and layer decay "
+        "come from timm: pip install 'slak_triton[timm]')")
+    g.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha, 0 = off [0.8]")
+    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha, 0 = off [1.0]")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of CutMix when both are on")
+    g.add_argument("--aa", default=None, help=f"RandAugment policy, e.g. {OFFICIAL_AA} (the official one); "
+                                              f"default off")
+    g.add_argument("--reprob", type=float, default=0.0, help="RandomErasing probability [0.25]")
+    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="RandomErasing fill")
+    g.add_argument("--recount", type=int, default=1, help="RandomErasing regions per image")
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise learning-rate decay in (0, 1] (timm's, over SLaK.group_matcher); default off")
+    g.add_argument("--accum-iter", type=int, default=1,
+                   help="gradient accumulation: micro-batches per optimizer step (effective batch = batch-size x "
+                        "accum-iter x processes)")
+    g.add_argument("--crop-pct", type=float, default=224 / 256,
+                   help="evaluation crop of ImageFolder data: bicubic resize of the short side to size / crop-pct, "
+                        "then centre crop (224 / 256 as the official evaluation)")
+    g = p.add_argument_group("evaluation, fine-tuning and export")
+    g.add_argument("--eval", action="store_true",
+                   help="only evaluate the model of --resume PATH (or --finetune PATH) on the held-out set")
+    g.add_argument("--finetune", default=None, metavar="PATH",
+                   help="start from these weights (a slak-train checkpoint or an official one); a head of another "
+                        "class count is dropped and re-initialised. With --sparse the masks are then drawn anew, "
+                        "as the official code does")
+    g.add_argument("--finetune-ema", action="store_true", help="take the checkpoint's model_ema weights")
+    g.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --output-dir, write model-official.pth at the end: the weights in the official "
+                        "checkpoint layout ({'model', 'model_ema'}; masks applied, no weight_mask keys)")
+
+
+def _needs_timm(args: argparse.Namespace) -> List[str]:
+    flags = []
+    if args.mixup > 0:
+        flags.append("--mixup")
+    if args.cutmix > 0:
+        flags.append("--cutmix")
+    if args.aa:
+        flags.append("--aa")
+    if args.reprob > 0:
+        flags.append("--reprob")
+    if args.layer_decay is not None:
+        flags.append("--layer-decay")
+    return flags
+
+
+def _validate_recipe_args(args: argparse.Namespace) -> None:
+    def real(name, v, ok, expected):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
+            raise ValueError(f"{name}: expected {expected}, got {v!r}")
+
+    real("--mixup", args.mixup, lambda v: v >= 0, "a number >= 0 (0 = off)")
+    real("--cutmix", args.cutmix, lambda v: v >= 0, "a number >= 0 (0 = off)")
+    real("--mixup-prob", args.mixup_prob, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    real("--mixup-switch-prob", args.mixup_switch_prob, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    real("--reprob", args.reprob, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    real("--crop-pct", args.crop_pct, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    if args.layer_decay is not None:
+        real("--layer-decay", args.layer_decay, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    if args.recount < 1:
+        raise ValueError(f"--recount: expected an int >= 1, got {args.recount}")
+    if args.accum_iter < 1:
+        raise ValueError(f"--accum-iter: expected an int >= 1, got {args.accum_iter}")
+    if args.aa is not None and not (args.aa.startswith("rand") or args.aa.startswith("augmix")
+                                    or args.aa in ("original", "originalr", "v0", "v0r", "3a")):
+        raise ValueError(f"--aa: expected a timm auto-augment policy such as {OFFICIAL_AA!r}, got {args.aa!r}")
+    if args.eval and not (args.resume or args.finetune):
+        raise ValueError("--eval: expected --resume PATH or --finetune PATH (the weights to evaluate)")
+    if args.eval and args.resume == "auto":
+        raise ValueError("--eval: expected a checkpoint path in --resume, got 'auto'")
+    if args.finetune is not None and not os.path.isfile(args.finetune):
+        raise ValueError(f"--finetune: expected an existing checkpoint file, got {args.finetune!r}")
+    if args.finetune is not None and args.resume:
+        raise ValueError("--finetune: cannot be combined with --resume (resume continues a run; finetune starts "
+                         "one from weights)")
+    missing = _needs_timm(args) if TimmMixup is None else []
+    if missing:
+        raise TrainError(f"{', '.join(missing)}: needs timm, which is not installed "
+                         f"(pip install 'slak_triton[timm]'), or leave the flag off")
+
+
+class _DigitsAugment(Dataset):
+    """The bundled digits with per-image recipe augmentations: RandAugment on the (de-normalised) greyscale image,
+    then RandomErasing on the normalised tensor. Python's and NumPy's RNGs drive them (seeded per epoch)."""
+
+    def __init__(self, base: TensorDataset, aa: Optional[str], reprob: float, remode: str, recount: int):
+        self.base, self.mean, self.std = base, base.mean, base.std
+        size = base.tensors[0].shape[-1]
+        self.aa = rand_augment_transform(aa, dict(translate_const=int(size * 0.45), img_mean=(0,))) if aa else None
+        self.erase = TimmRandomErasing(reprob, mode=remode, max_count=recount, device="cpu") if reprob > 0 else None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        if self.aa is not None:
+            img = tv_transforms.functional.to_pil_image(((x * self.std + self.mean).clamp(0, 1) * 255).to(torch.uint8))
+            x = (tv_transforms.functional.pil_to_tensor(self.aa(img)).float() / 255 - self.mean) / self.std
+        if self.erase is not None:
+            x = self.erase(x)
+        return x, y
+
+
+def imagefolder_transforms(size: int, args: Optional[argparse.Namespace]):
+    """(train, eval) transforms of ImageFolder data. With timm: ``create_transform`` (RandomResizedCrop, flip,
+    RandAugment ``--aa``, RandomErasing ``--reprob``; evaluation: bicubic resize to size / ``--crop-pct``, centre
+    crop). Without timm: torchvision's RandomResizedCrop + flip and the same bicubic evaluation crop."""
+    crop_pct = args.crop_pct if args is not None else 224 / 256
+    if timm_create_transform is not None:
+        train_tf = timm_create_transform(
+            size, is_training=True, auto_augment=args.aa if args is not None else None, interpolation="bicubic",
+            re_prob=args.reprob if args is not None else 0.0, re_mode=args.remode if args is not None else "pixel",
+            re_count=args.recount if args is not None else 1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        val_tf = timm_create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                                       mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return train_tf, val_tf
+    bicubic = tv_transforms.InterpolationMode.BICUBIC
+    norm = tv_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = tv_transforms.Compose([tv_transforms.RandomResizedCrop(size, interpolation=bicubic),
+                                      tv_transforms.RandomHorizontalFlip(), tv_transforms.ToTensor(), norm])
+    val_tf = tv_transforms.Compose([tv_transforms.Resize(int(size / crop_pct), interpolation=bicubic),
+                                    tv_transforms.CenterCrop(size), tv_transforms.ToTensor(), norm])
+    return train_tf, val_tf
+
+
+class Recipe:
+    """What the recipe flags add to the loop: the batch mixer (timm Mixup / CutMix, with label smoothing inside),
+    the training loss (soft-target cross-entropy with mixing, else cross-entropy with ``--smoothing``), the
+    micro-batches per optimizer step, and per-epoch seeding of the RNGs that per-image augmentations use."""
+
+    def __init__(self, args: argparse.Namespace, num_classes: int):
+        self.accum = args.accum_iter
+        self.smoothing = args.smoothing
+        self.mixup_fn = None
+        if args.mixup > 0 or args.cutmix > 0:
+            self.mixup_fn = TimmMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                                      switch_prob=args.mixup_switch_prob, mode="batch",
+                                      label_smoothing=args.smoothing, num_classes=num_classes)
+            self.soft_loss = SoftTargetCrossEntropy()
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor):
+        """(inputs, targets for the loss): mixed inputs and soft targets when mixing is on."""
+        if self.mixup_fn is None:
+            return x, y
+        if x.shape[0] % 2:
+            raise TrainError(f"--batch-size: Mixup / CutMix mix a batch with its reverse and need an even batch, "
+                             f"got {x.shape[0]}")
+        return self.mixup_fn(x, y)
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.mixup_fn is not None:
+            return self.soft_loss(out.float(), target)
+        return F.cross_entropy(out.float(), target, label_smoothing=self.smoothing)
+
+    @staticmethod
+    def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+        """Python's and NumPy's RNGs (RandAugment, RandomErasing's counts, Mixup's lambda) per epoch and rank, so
+        that a resumed run draws what an uninterrupted one would."""
+        s = ((seed * 1000 + rank) * 7919 + epoch) % (2**32)
+        random.seed(s)
+        if np is not None:
+            np.random.seed(s)
+
+
+def build_recipe(args: argparse.Namespace, num_classes: int) -> Recipe:
+    return Recipe(args, num_classes)
+
+
+def recipe_datasets(args: argparse.Namespace, train_set: Dataset) -> Dataset:
+    """The digits training set with ``--aa`` / ``--reprob`` applied per image (ImageFolder data gets them through
+    its transforms)."""
+    if args.data_path is None and (args.aa or args.reprob > 0):
+        return _DigitsAugment(train_set, args.aa, args.reprob, args.remode, args.recount)
+    return train_set
+
+
+def recipe_param_groups(model: nn.Module, args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: weight decay on 2-D and 4-D weights only; with ``--layer-decay`` timm's layer-wise
+    groups over ``SLaK.group_matcher`` (each with an ``lr_scale``: 1 for the head, ``layer_decay ** depth`` below)."""
+    if args.layer_decay is None:
+        return [dict(g, lr_scale=1.0) for g in _param_groups(model, args.weight_decay)]
+    groups = param_groups_layer_decay(model, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                                      no_weight_decay_list=tuple(model.no_weight_decay()))
+    return [g for g in groups if g["params"]]
+
+
+def load_finetune(model: SLaK, path: str, use_ema: bool) -> str:
+    """Loads ``path`` into ``model`` (a slak-train or an official checkpoint; trusted file). Classifier keys whose
+    shapes differ (another class count) are dropped and the head keeps its fresh init; any other mismatch raises
+    TrainError. Returns a one-line description."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        sd = checkpoint_filter_fn(ckpt, model, use_ema=use_ema)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"--finetune: {path!r} is not a usable checkpoint ({e})")
+    own = model.state_dict()
+    dropped = [k for k in list(sd) if k.startswith("head.") and k in own and sd[k].shape != own[k].shape]
+    for k in dropped:
+        del sd[k]
+    wrong = [f"{k} {tuple(sd[k].shape)} (model {tuple(own[k].shape)})" for k in sd
+             if k in own and not k.endswith("weight_mask") and sd[k].shape != own[k].shape]
+    if wrong:
+        raise TrainError(f"--finetune: {path!r} does not match --model: {len(wrong)} shapes differ, e.g. "
+                         f"{', '.join(wrong[:3])}")
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if k not in dropped and not k.endswith("weight_mask")]
+    if missing or result.unexpected_keys:
+        raise TrainError(f"--finetune: {path!r} does not match --model (missing {missing[:8]}, unexpected "
+                         f"{result.unexpected_keys[:8]})")
+    return f"fine-tuning from {path}" + (" (EMA weights)" if use_ema else "") + (
+        f", head re-initialised for {model.num_classes} classes" if dropped else "")
+
+
+def save_best_checkpoints(output_dir: str, epoch: int, model: nn.Module, ema, val_acc: float, ema_acc: float,
+                          best: Dict[str, float]) -> None:
+    """``checkpoint-best.pth`` when the held-out accuracy improves, ``checkpoint-best-ema.pth`` when the EMA's
+    does ({'model' (masks included), 'epoch', 'accuracy'}; written atomically). ``best`` is updated in place."""
+    os.makedirs(output_dir, exist_ok=True)
+    for key, acc, sd, name in (("model", val_acc, lambda: model.state_dict(), "checkpoint-best.pth"),
+                               ("ema", ema_acc, lambda: ema.state_dict() if ema is not None else None,
+                                "checkpoint-best-ema.pth")):
+        if key == "ema" and ema is None:
+            continue
+        if not math.isfinite(acc) or acc <= best.get(key, -1.0):
+            continue
+        best[key] = acc
+        tmp = os.path.join(output_dir, name + ".tmp")
+        torch.save({"model": sd(), "epoch": epoch, "accuracy": acc}, tmp)
+        os.replace(tmp, os.path.join(output_dir, name))
+
+
+def export_official(path: str, model: nn.Module, ema) -> None:
+    """Writes ``{'model': ..., 'model_ema': ...}`` in the official layout (``export_official_state_dict``)."""
+    state = {"model": export_official_state_dict(model)}
+    if ema is not None:
+        state["model_ema"] = export_official_state_dict(ema.module)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_only(args: argparse.Namespace, model: nn.Module, test_loader: DataLoader, device: torch.device,
+                  distributed: bool, amp_ctx, backend: str, is_main: bool, data_name: str) -> Dict[str, Any]:
+    """``--eval``: loads the weights of ``--resume PATH`` (its ``model_ema`` with ``--model-ema``) or
+    ``--finetune PATH`` and reports the held-out loss and accuracy; trains nothing and writes nothing."""
+    path = args.resume or args.finetune
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict) and args.resume:
+        use_ema = args.model_ema and isinstance(ckpt.get("model_ema"), dict)
+        load_masked_state_dict(model, ckpt["model_ema"] if use_ema else ckpt["model"])
+    else:
+        load_finetune(model, path, args.finetune_ema)
+    with use_backend(backend):
+        loss, acc, n = evaluate(model, test_loader, device, distributed, amp_ctx)
+    if is_main:
+        print(f"evaluation of {path}: held-out accuracy {100 * acc:.2f}% on {n} images, loss {loss:.4f} "
+              f"({data_name})", flush=True)
+    return {"eval": path, "held_out_accuracy": acc, "held_out_loss": loss, "held_out_images": n}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,7 +758,7 @@ def _all_sum(values: Sequence[float], device: torch.device, distributed: bool) -
 
 #: Flags a resumed run must share with its checkpoint: what the checkpoint restores (a different value would be
 #: silently ignored) or what would make the result a different run. The sparsity ones only when ``--sparse``.
-_RESUME_FLAGS = ("model", "sparse", "model_ema")
+_RESUME_FLAGS = ("model", "sparse", "model_ema", "accum_iter")
 _RESUME_SPARSE_FLAGS = ("density", "growth", "prune_rate", "update_frequency", "only_large_kernels", "lk_granularity",
                         "fix")
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "global_step")
@@ -599,12 +890,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         augment = True
     else:
         size = args.input_size if args.input_size is not None else 224
-        train_set, test_set, n_classes = imagefolder_datasets(args.data_path, size)
+        train_set, test_set, n_classes = imagefolder_datasets(args.data_path, size, args)
         in_chans, data_name, augment = 3, args.data_path, False
     num_classes = args.num_classes if args.num_classes is not None else n_classes
     if num_classes < n_classes:
         raise ValueError(f"--num-classes: expected at least {n_classes} (the data has labels 0..{n_classes - 1}), "
                          f"got {num_classes}")
+    train_set = recipe_datasets(args, train_set)
     if distributed:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                      drop_last=True)
@@ -624,8 +916,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if steps_per_epoch < 1:
         raise ValueError(f"--batch-size: expected at most {len(train_set) // world} per process for this data, "
                          f"got {args.batch_size}")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+    accum = args.accum_iter
+    opt_steps_per_epoch = steps_per_epoch // accum  # optimizer steps; leftover micro-batches are not drawn
+    if opt_steps_per_epoch < 1:
+        raise ValueError(f"--accum-iter: expected at most {steps_per_epoch} (the micro-batches of an epoch), "
+                         f"got {accum}")
+    steps_per_epoch = opt_steps_per_epoch * accum
+    total_steps = args.epochs * opt_steps_per_epoch
+    warmup_steps = int(round(args.warmup_epochs * opt_steps_per_epoch))
     run_info = {"input_size": size, "num_classes": num_classes, "steps_per_epoch": steps_per_epoch}
     if ckpt is not None:
         _check_resume_matches(ckpt, resume_path, args, run_info)
@@ -638,7 +936,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr)
+    optimizer = torch.optim.AdamW(recipe_param_groups(model, args), lr=args.lr)
+    recipe = build_recipe(args, num_classes)
     use_scaler = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -649,6 +948,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     backend = args.backend
     if backend == "auto" and device.type == "cpu":
         backend = "reference"
+    if args.eval:
+        return evaluate_only(args, train_model, test_loader, device, distributed, amp_ctx, backend, is_main,
+                             data_name)
+    finetune_note = load_finetune(model, args.finetune, args.finetune_ema) if args.finetune else None
 
     real_steps = [0]
     optimizer.register_step_post_hook(lambda opt, a, k: real_steps.__setitem__(0, real_steps[0] + 1))
@@ -673,6 +976,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         start_epoch, global_step = 0, 0
         history: List[Dict[str, Any]] = []
         prior_seconds = 0.0
+        best: Dict[str, float] = {}
         if ckpt is not None:
             try:
                 load_masked_state_dict(model, ckpt["model"])
@@ -690,6 +994,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             history = list(ckpt.get("history") or [])
             real_steps[0] = int(ckpt.get("optimizer_steps", global_step))
             prior_seconds = float(ckpt.get("seconds", 0.0))
+            best.update(ckpt.get("best") or {})
             if "rng_state" in ckpt:
                 torch.set_rng_state(ckpt["rng_state"].cpu())
             if device.type == "cuda" and ckpt.get("cuda_rng_state") is not None:
@@ -702,7 +1007,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             print(f"slak-train: {args.model} SLaK ({n_params:,} parameters), data {data_name}: "
                   f"{len(train_set)} train / {len(test_set)} held-out images, {num_classes} classes; "
                   f"{world} process(es) on {device} (lk_conv2d backend {backend}); "
-                  f"{args.epochs} epochs x {steps_per_epoch} steps", flush=True)
+                  f"{args.epochs} epochs x {opt_steps_per_epoch} steps"
+                  + (f" of {accum} micro-batches" if accum > 1 else ""), flush=True)
+            if finetune_note:
+                print(finetune_note, flush=True)
             if sparsity is not None:
                 print(f"sparse: density {sparsity.overall_density():.4f} over {len(sparsity.candidates)} weights "
                       f"({len(sparsity.dense_layers)} kept dense), init {args.sparse_init}, growth {args.growth}, "
@@ -711,12 +1019,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                       f"large kernels in {args.lk_granularity}s", flush=True)
 
         aug_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+        ema_acc = float("nan")
         for epoch in range(start_epoch, args.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
             else:
                 shuffle_gen.manual_seed(args.seed * 100_003 + epoch)
             aug_gen.manual_seed((args.seed * 1000 + rank) * 7919 + epoch)
+            recipe.seed_epoch(args.seed, rank, epoch)
             model.train()
             bar = _Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", is_main and args.progress is not False,
                             args.progress)
@@ -728,29 +1038,37 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 if augment:
                     x = _random_shift(x, aug_gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                lr = lr_at(global_step, total_steps, warmup_steps, args.lr, args.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                x, target = recipe.mix(x, y)
+                first, last = i % accum == 0, (i + 1) % accum == 0
+                if first:
+                    lr = lr_at(global_step, total_steps, warmup_steps, args.lr, args.min_lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    optimizer.zero_grad(set_to_none=True)
                 before = real_steps[0]
-                with amp_ctx():
-                    out = train_model(x)
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=args.smoothing)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {i + 1} (learning rate {lr:.3g}); "
-                        + (f"the checkpoint of epoch {epoch} in {args.output_dir!r} is kept; " if
-                           args.output_dir and (epoch > start_epoch or ckpt is not None) else "")
-                        + "a lower --lr, a --clip-grad, or --no-amp may help")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if args.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None and real_steps[0] > before:
-                    ema.update(model)
-                global_step += 1
+                # DDP: gradients are all-reduced on the last micro-batch of an optimizer step only
+                sync = train_model.no_sync() if distributed and not last else contextlib.nullcontext()
+                with sync:
+                    with amp_ctx():
+                        out = train_model(x)
+                        loss = recipe.loss(out, target)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {i + 1} (learning rate "
+                            f"{lr:.3g}); "
+                            + (f"the checkpoint of epoch {epoch} in {args.output_dir!r} is kept; " if
+                               args.output_dir and (epoch > start_epoch or ckpt is not None) else "")
+                            + "a lower --lr, a --clip-grad, or --no-amp may help")
+                    scaler.scale(loss / accum).backward()
+                if last:
+                    if args.clip_grad is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if ema is not None and real_steps[0] > before:
+                        ema.update(model)
+                    global_step += 1
                 loss_sum += float(loss.detach()) * y.numel()
                 correct += float((out.argmax(1) == y).sum())
                 seen += y.numel()
@@ -787,6 +1105,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         "args": vars(args), "run": run_info, "history": history,
                         "optimizer_steps": real_steps[0], "seconds": prior_seconds + time.time() - t_start,
                     }
+                    save_best_checkpoints(args.output_dir, epoch, model, ema, val_acc, ema_acc, best)
+                    state["best"] = dict(best)
                     _atomic_write(os.path.join(args.output_dir, CHECKPOINT_NAME), lambda f: torch.save(state, f))
 
         if history:  # the last epoch's numbers (of this process or, for a finished run, of the checkpoint)
@@ -808,6 +1128,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if ema is not None:
         summary["ema_held_out_accuracy"] = ema_acc
+    summary["best_held_out_accuracy"] = best.get("model")
+    if ema is not None:
+        summary["best_ema_held_out_accuracy"] = best.get("ema")
     if is_main:
         print(f"held-out accuracy: {100 * val_acc:.2f}% on {n_val} images"
               + (f" (EMA {100 * ema_acc:.2f}%)" if ema is not None else "")
@@ -816,6 +1139,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.output_dir:
             _atomic_write(os.path.join(args.output_dir, SUMMARY_NAME), lambda f: json.dump(summary, f, indent=2),
                           mode="w")
+            if args.export:
+                export_official(os.path.join(args.output_dir, "model-official.pth"), model, ema)
     return summary
 
 
