@@ -648,7 +648,7 @@ def evaluate_only(args: argparse.Namespace, model: nn.Module, test_loader: DataL
     """``--eval``: loads the weights of ``--resume PATH`` (its ``model_ema`` with ``--model-ema``) or
     ``--finetune PATH`` and reports the held-out loss and accuracy; trains nothing and writes nothing."""
     path = args.resume or args.finetune
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = _read_checkpoint(path, what="--resume" if args.resume else "--finetune", map_location=device)
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict) and args.resume:
         use_ema = args.model_ema and isinstance(ckpt.get("model_ema"), dict)
         load_masked_state_dict(model, ckpt["model_ema"] if use_ema else ckpt["model"])
@@ -863,7 +863,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     ckpt = None
     resume_path = _resume_path(args)
-    if resume_path is not None:
+    if resume_path is not None and not args.eval:   # --eval reads only the weights (evaluate_only)
         if os.path.isfile(resume_path) or args.resume != "auto":
             ckpt = _load_resume(resume_path, device)
     done_epochs = int(ckpt["epoch"]) + 1 if ckpt is not None else 0
