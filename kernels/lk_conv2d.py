@@ -58,11 +58,12 @@ def lk_conv2d_fwd_configs():
 
 def lk_conv2d_default_config(H, W, elem_bytes=2):
     """The one config used where autotuning is off (interpreter, compile-only test): small planes get small tiles.
-    fp32 (tf32x3 splits every operand in three) needs 16-row tiles, 16-row chunks and no software pipelining to stay
-    clear of spills on sm_80 and sm_90 (``python -m slak_triton.ops.compile_check``)."""
+    fp32 (tf32x3 splits every operand in three) needs 16 x 16 tiles, 16-row chunks and no software pipelining to
+    stay clear of spills on sm_80 and sm_90 for every slot pattern (``python -m slak_triton.ops.compile_check``;
+    under triton 3.8 a 16 x 32 tile spills at 4 warps on sm_80 and at 8 warps on sm_90)."""
     bw = 16 if W <= 16 else 32
     if elem_bytes >= 4:
-        return {"BH": 16, "BW": bw, "CK": 16, "num_warps": 4, "num_stages": 1}
+        return {"BH": 16, "BW": 16, "CK": 16, "num_warps": 4, "num_stages": 1}
     bh = 16 if H <= 16 else 32
     return {"BH": bh, "BW": bw, "CK": 16, "num_warps": 4, "num_stages": 2}
 
@@ -343,10 +344,12 @@ def lk_conv2d_plane_configs():
 
 
 def lk_conv2d_plane_default_config(H, W, elem_bytes=2):
-    """The plane forward kernel's config where autotuning is off (interpreter, compile-only checks): the static
-    model's best per plane size (bench/NOTES.md); small planes stack more images per dot, tall slot transposed."""
+    """The plane forward kernel's config where autotuning is off (interpreter, compile-only checks): near the
+    static model's best per plane size (bench/NOTES.md) and spill-free for sm_80 and sm_90 under triton 3.6 to
+    3.8; small planes stack more images per dot, tall slot transposed. (On 64-padded planes the model's best, 4
+    warps, holds its [64, 64] fp32 accumulator in 250 registers under triton 3.6 but spills under 3.8.)"""
     if max(H, W) > 32:
-        return {"NB": 1, "IMG": 32, "TALL_T": False, "num_warps": 4, "num_stages": 1}
+        return {"NB": 1, "IMG": 32, "TALL_T": False, "num_warps": 8, "num_stages": 1}
     return {"NB": 4, "IMG": 64, "TALL_T": True, "num_warps": 4, "num_stages": 1}
 
 
@@ -360,11 +363,12 @@ def lk_conv2d_plane_dw_configs():
 
 
 def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2):
-    """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md): every line of a slot in
-    one pass where the accumulators fit (planes up to 32), else 3 lines per pass with 8 warps."""
+    """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md), the largest LG that
+    compiles spill-free for sm_80 and sm_90 (triton 3.6 to 3.8): on 64-padded planes 2 lines per pass (LG [64, 64]
+    fp32 accumulators), on small planes every line of a SLaK slot (5) in one pass; 8 warps."""
     if max(H, W) > 32:
-        return {"NB": 1, "LG": 3, "num_warps": 8, "num_stages": 1}
-    return {"NB": 4, "LG": 5, "num_warps": 4, "num_stages": 1}
+        return {"NB": 1, "LG": 2, "num_warps": 8, "num_stages": 1}
+    return {"NB": 4, "LG": 5, "num_warps": 8, "num_stages": 1}
 
 
 def plane_pad(n):
@@ -811,12 +815,13 @@ def lk_conv2d_bwd_dw_configs():
 
 
 def lk_conv2d_bwd_dw_default_config(H, W, elem_bytes=2):
-    """Untuned weight-gradient config. P = dy @ X^T must stay in registers: 32x32 tiles need 8 warps (16 for fp32,
-    whose tf32x3 split triples the operands), fp32 16x16 tiles 2 warps (compile-only check, sm_80 and sm_90)."""
+    """Untuned weight-gradient config. P = dy @ X^T must stay in registers: 32x32 tiles need 8 warps; fp32 (whose
+    tf32x3 split triples the operands) takes 16-row tiles and 8 warps, the one choice without spills for every
+    slot pattern, dense and sparse (a sparse block spans a whole line), on sm_80 and sm_90 (compile-only check)."""
     bh = 16 if H <= 16 else 32
     bw = 16 if W <= 16 else 32
     if elem_bytes >= 4:
-        return {"BH": bh, "BW": bw, "num_warps": 16 if bh * bw >= 1024 else 2, "num_stages": 1}
+        return {"BH": 16, "BW": bw, "num_warps": 8, "num_stages": 1}
     return {"BH": bh, "BW": bw, "num_warps": 8 if bh * bw >= 1024 else 4, "num_stages": 1}
 
 

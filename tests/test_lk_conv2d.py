@@ -532,8 +532,35 @@ def test_mask_changes_are_always_honoured(how):
     assert torch.equal(w.grad * (1 - m), torch.zeros_like(w.grad))
 
 
+@pytest.mark.parametrize("path", ["auto", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_pattern_is_the_documented_one(bad, dtype, path):
+    """The op's docstring: a non-finite x[n, c, r, q] makes non-finite every output F.conv2d does, plus at most
+    the tall slot's columns |w - q| <= KW_T//2 and the wide slot's rows |h - r| <= KH_W//2 of the same image and
+    channel; every other output is finite and exact."""
+    torch.manual_seed(21)
+    N, C, H, W, r, q = 2, 2, 20, 18, 7, 11
+    x = torch.randn(N, C, H, W, device=DEV)
+    x[1, 0, r, q] = bad
+    ws = [torch.randn(C, 1, 9, 3, device=DEV), torch.randn(C, 1, 3, 11, device=DEV), torch.randn(C, 1, 3, 3, device=DEV)]
+    x, ws = x.to(dtype), [w.to(dtype) for w in ws]
+    with kernel_path(path), TritonRan("fwd"):
+        y = lk_conv2d(x, ws, backend="triton")
+    ref = reference64(x, ws, None, None)
+    ours, theirs = ~torch.isfinite(y), ~torch.isfinite(ref)
+    assert theirs.any() and bool((theirs & ~ours).sum() == 0), "an output F.conv2d makes non-finite is finite here"
+    band = torch.zeros_like(ours)
+    band[1, 0, :, q - 1:q + 2] = True          # tall slot: KW_T = 3
+    band[1, 0, r - 1:r + 2, :] = True          # wide slot: KH_W = 3
+    assert bool((ours & ~band & ~theirs).sum() == 0), "non-finite outputs outside the documented band"
+    ok = ~ours
+    assert_close(y.float()[ok], ref[ok], dtype, 9 * 3 + 3 * 11 + 9, "finite outputs")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # errors
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def _ok():

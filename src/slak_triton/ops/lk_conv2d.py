@@ -800,8 +800,9 @@ def lk_conv2d(
             kh, kw in 1..63, rectangular allowed. Each branch uses zero "same" padding (kh//2, kw//2).
         bias: [C] or None, added once.
         mask: None, a tensor shaped like ``weight``, or a sequence aligned with ``weight`` (entries may be None):
-            the op computes with ``weight * mask``. The kernels skip blocks (``block_shape``) that are zero in
-            the mask; the block lists are rebuilt only when a mask changes.
+            the op computes with ``weight * mask``. The kernels skip blocks (``block_shape``: whole lines of a
+            branch) that are zero in the mask; the active lines are read from the masks on every call, so masks
+            edited in place (``mask.data``, ``mask[...] = 0``) take effect on the next call.
         backend: "auto" (CUDA -> compiled Triton; CPU -> Triton's interpreter when TRITON_INTERPRET=1 was set
             before import, else the reference), "triton" (error if it cannot run) or "reference" (F.conv2d).
         dense_weight_grad: True: the weights' gradients cover every tap, inactive ones included (the gradient of
@@ -810,6 +811,16 @@ def lk_conv2d(
 
     Returns:
         [N, C, H, W] in x's dtype: ``sum_b F.conv2d(x, w_b * m_b, padding=(kh_b//2, kw_b//2), groups=C) + bias``.
+
+    Non-finite inputs: the kernels multiply banded (Toeplitz) weight matrices whose zeros also meet a NaN or Inf
+    input, so a non-finite x[n, c, r, q] reaches more outputs than in ``F.conv2d``, always in image n and channel
+    c only. With dense weights the non-finite outputs are ``F.conv2d``'s plus, for the tall slot (branches with
+    kh >= kw, folded), the columns q - KW_T//2 .. q + KW_T//2 of every row of the output tile, and for the wide
+    slot the rows r - KH_W//2 .. r + KH_W//2 of every column of the tile (a tile is the whole plane for 16-bit
+    planes up to 64 x 64, else a tile of the tiled kernels whose window holds x[r, q]). A line of a slot whose mask
+    is all zero is skipped: it spreads nothing, where ``F.conv2d`` multiplies the non-finite value by the masked
+    zero weights. Every other output is finite and exact. Matching ``F.conv2d``'s pattern would cost a pass over
+    x on every call; ``backend="reference"`` has it.
     """
     weights, masks = _validate(x, weight, bias, mask, backend)
     if dense_weight_grad is None:
