@@ -602,7 +602,7 @@ def _diagonal_sums(p, limit, KP: tl.constexpr, OFF: tl.constexpr):
 
 @triton.jit
 def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh, sdw,
-                  ar_h, cw, cb, dwt_c,
+                  ar_h, cw, cb, g, dwt_c,
                   KH: tl.constexpr, KW: tl.constexpr, J0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
                   BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
                   BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
@@ -621,8 +621,8 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
     # offsets inside a group of NB images from its first image (tall layout [BH, NB*BW]): loop-invariant
     off_d = cb[None, :] * sdn + ar_h[:, None] * sdh + cw[None, :] * sdw
     off_x = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw
-    for n0 in range(n_start, n_stop, NB):
-        img = (n0 + cb) < n_stop
+    for n0 in range(n_start, n_stop, g):
+        img = ((n0 + cb) < n_stop) & (cb < g)
         x_g = x_c + n0 * sxn     # n0 is int64
         dy = tl.load(d_c + n0 * sdn + off_d, mask=row_in[:, None] & ((cw < W) & img)[None, :],
                      other=0.0)
@@ -657,7 +657,7 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
 
 @triton.jit
 def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh, sdw,
-                  ar_w, rh, rb, dww_c,
+                  ar_w, rh, rb, g, dww_c,
                   KH: tl.constexpr, KW: tl.constexpr, I0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
                   BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
                   BW: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
@@ -673,8 +673,8 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
     # offsets inside a group of NB images from its first image (wide layout [NB*BH, BW]): loop-invariant
     off_d = rb[:, None] * sdn + rh[:, None] * sdh + ar_w[None, :] * sdw
     off_x = rb[:, None] * sxn + rh[:, None] * sxh + ar_w[None, :] * sxw
-    for n0 in range(n_start, n_stop, NB):
-        img = (n0 + rb) < n_stop
+    for n0 in range(n_start, n_stop, g):
+        img = ((n0 + rb) < n_stop) & (rb < g)
         x_g = x_c + n0 * sxn     # n0 is int64
         dy = tl.load(d_c + n0 * sdn + off_d, mask=((rh < H) & img)[:, None] & col_in[None, :],
                      other=0.0)
@@ -730,7 +730,9 @@ def lk_conv2d_plane_dw_kernel(
     BH: tl.constexpr, BW: tl.constexpr,
     H_PADDED: tl.constexpr,   # H < BH (a padding row exists; W_PADDED: W < BW)
     W_PADDED: tl.constexpr,
-    NB: tl.constexpr,         # images per tl.dot (along its K dimension)
+    NB: tl.constexpr,         # images per tl.dot (along its K dimension) at the padded plane size
+    PACK_T: tl.constexpr,     # tall passes pack images at width W: (NB * BW) // W per dot (host: plane_dw_pack)
+    PACK_W: tl.constexpr,     # wide passes pack images at height H: (NB * BH) // H per dot
     LG: tl.constexpr,         # lines accumulated together per pass over the images (their [B, B] fp32
                               # accumulators live in registers at once)
     KPT: tl.constexpr,        # next_power_of_2(KH_T) (1 when absent): taps of a tall line
@@ -757,13 +759,28 @@ def lk_conv2d_plane_dw_kernel(
     W = _aligned(W, ALIGN)
     ar_h = tl.arange(0, BH)
     ar_w = tl.arange(0, BW)
-    # tall layout [BH, NB*BW]: column cc = image cc // BW, column cc % BW; wide layout [NB*BH, BW]: row rq
+    # tall layout [BH, NB*BW]: column cc = image cc // BW, column cc % BW; wide layout [NB*BH, BW]: row rq.
+    # Both sum over their K dimension (images and columns / rows alike), so on small planes (PACK_*) the images
+    # are packed at the plane's own width (height) instead: cc // W images of W columns, (NB*BW) // W per dot
+    # (a 7x7 plane: 9 images per 64 columns instead of 4).
     cc = tl.arange(0, NB * BW)
-    cw = cc % BW
-    cb = cc // BW
     rq = tl.arange(0, NB * BH)
-    rh = rq % BH
-    rb = rq // BH
+    if PACK_T:
+        cw = cc % W
+        cb = cc // W
+        g_t = (NB * BW) // W
+    else:
+        cw = cc % BW
+        cb = cc // BW
+        g_t = NB
+    if PACK_W:
+        rh = rq % H
+        rb = rq // H
+        g_w = (NB * BH) // H
+    else:
+        rh = rq % BH
+        rb = rq // BH
+        g_w = NB
     if WIDE_IDX:
         ar_h = ar_h.to(tl.int64)
         ar_w = ar_w.to(tl.int64)
@@ -789,13 +806,13 @@ def lk_conv2d_plane_dw_kernel(
     acc_bw = tl.zeros((NB * BH, BW) if BIAS_W == 1 else (1, 1), dtype=tl.float32)
     for j0 in tl.static_range(0, KW_T, LG):
         acc_bt = _dw_tall_pass(acc_bt, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
-                               sdw, ar_h, cw, cb, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,
+                               sdw, ar_h, cw, cb, g_t, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,
                                SPARSE=SPARSE_T,
                                BIAS=BIAS_T if (j0 <= KW_T // 2 and KW_T // 2 < j0 + LG) or BIAS_T == 1 and j0 == 0
                                else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT)
     for i0 in tl.static_range(0, KH_W, LG):
         acc_bw = _dw_wide_pass(acc_bw, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
-                               sdw, ar_w, rh, rb, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,
+                               sdw, ar_w, rh, rb, g_w, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,
                                SPARSE=SPARSE_W,
                                BIAS=BIAS_W if (i0 <= KH_W // 2 and KH_W // 2 < i0 + LG) or BIAS_W == 1 and i0 == 0
                                else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)

@@ -191,10 +191,13 @@ def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: i
         img = ls.args["imgs_per_prog"]
         groups = math.ceil(N / img)
         per = [min(img, N - g * img) for g in range(groups)]
-        n0 = sum(math.ceil(p / cfg["NB"]) for p in per) / groups
+        a = ls.args   # images per dot: NB padded planes, or packed at the plane's own size
+        g_t = (cfg["NB"] * a["BW"]) // W if a["PACK_T"] else cfg["NB"]
+        g_w = (cfg["NB"] * a["BH"]) // H if a["PACK_W"] else cfg["NB"]
         # passes of LG lines over the images (tall, then wide); the line loops (0/1 trips) nest in them
-        return {"_dw_tall_pass.n0": n0, "_dw_wide_pass.n0": n0, "_dw_tall_pass._t": lines,
-                "_dw_wide_pass._w": lines}
+        return {"_dw_tall_pass.n0": sum(math.ceil(p / g_t) for p in per) / groups,
+                "_dw_wide_pass.n0": sum(math.ceil(p / g_w) for p in per) / groups,
+                "_dw_tall_pass._t": lines, "_dw_wide_pass._w": lines}
     if name == "lk_conv2d_fwd_kernel":
         # a run covers a whole line (K taps): BH + K - 1 input rows (BW + K - 1 columns), CK per tl.dot
         t = {"_tall_run.q": math.ceil((cfg["BH"] + K - 1) / cfg["CK"]),

@@ -357,9 +357,20 @@ def _wide_idx(plane: Tuple[int, int], strides: Sequence[int]) -> bool:
 
 
 def _plane_wide_idx(plane: Tuple[int, int], *strides: Sequence[int]) -> bool:
-    """The plane kernels' offsets inside a group of up to 8 images (their largest NB) reach 2**31."""
-    return any(8 * abs(st[0]) + _PLANE_MARGIN * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides) or \
+    """The plane kernels' offsets inside a group of images reach 2**31: up to 8 (their largest NB) padded planes
+    per dot, or as many planes as the weight gradient packs into them (``plane_dw_pack``)."""
+    imgs = 8 * max(plane_pad(plane[0]) // max(plane[0], 1), plane_pad(plane[1]) // max(plane[1], 1))
+    return any(imgs * abs(st[0]) + _PLANE_MARGIN * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides) or \
         any(_wide_idx(plane, st) for st in strides)
+
+
+def plane_dw_pack(n: int) -> bool:
+    """Whether the plane weight-gradient kernel packs images at the plane's own size n (W for its tall passes, H for
+    its wide passes) along the K dimension of its dots instead of at the padded size: where that fits more images
+    per dot (at 4 padded planes per dot: n <= 12 of 16, n <= 25 of 32, ...). Packing gives up vector loads
+    (image boundaries fall anywhere), so it is left out where it gains nothing."""
+    b = plane_pad(n)
+    return n < b and (4 * b) // n > 4
 
 
 #: Rows / columns past a plane that the plane kernels' masked loads may point at (padding and line shifts).
@@ -457,7 +468,8 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
         splits = triton.cdiv(N, img)
         args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
                     ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
-                    BW=plane_pad(W), H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
+                    BW=plane_pad(W), H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W),
+                    PACK_T=plane_dw_pack(W), PACK_W=plane_dw_pack(H), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
                     KPW=triton.next_power_of_2(KW_W) if KW_W else 1)
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
