@@ -461,6 +461,27 @@ def test_only_active_lines_are_computed(density, dtype, path):
     assert torch.equal(gw * (1 - mw[:, 0]), torch.zeros_like(gw)), "inactive lines must get no work (zero)"
 
 
+def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG):
+    """Runs the plane weight-gradient kernel (NB images per dot, LG lines per pass) on fresh dy and compares the
+    slot and bias gradients with float64 autograd; inactive lines must get exactly zero."""
+    dtype, C = x.dtype, x.shape[1]
+    dy = torch.randn_like(x)
+    with TritonRan("lk_conv2d_plane_dw_kernel"):
+        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
+                                                    sparse_t=meta_t, sparse_w=meta_w,
+                                                    config=dict(NB=NB, LG=LG, num_warps=4, num_stages=1))
+    wd = [wt.detach().double().requires_grad_(True), ww.detach().double().requires_grad_(True)]
+    bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
+    lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())
+    on_t = meta_t[0][:, None, :] if meta_t is not None else 1
+    on_w = meta_w[0][:, :, None] if meta_w is not None else 1
+    # fp32 accumulation from the same 16-bit inputs: only the final rounding differs (n_taps 1)
+    assert_close(gt * on_t, wd[0].grad * on_t, dtype, 1, "dW tall")
+    assert_close(gw * on_w, wd[1].grad * on_w, dtype, 1, "dW wide")
+    assert_close(gb, bd.grad, dtype, 1, "db")
+    assert torch.equal(gt * (1 - on_t), torch.zeros_like(gt)) and torch.equal(gw * (1 - on_w), torch.zeros_like(gw))
+
+
 @pytest.mark.parametrize("N, cfg, dtype", [
     # tiled kernel (fp32): NB images per program
     (3, dict(BH=16, BW=16, CK=16, NB=2), torch.float32),   # N not a multiple of NB: a missing image
@@ -499,20 +520,7 @@ def test_several_images_per_program(N, cfg, dtype, flip, sparse):
     if flip or "IMG" not in cfg:
         return
     # the plane weight-gradient kernel with NB images per dot, over programs of several images
-    dy = torch.randn_like(x)
-    with TritonRan("lk_conv2d_plane_dw_kernel"):
-        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
-                                                    sparse_t=meta_t, sparse_w=meta_w,
-                                                    config=dict(NB=cfg["NB"], LG=2, num_warps=4, num_stages=1))
-    wd = [wt.detach().double().requires_grad_(True), ww.detach().double().requires_grad_(True)]
-    bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
-    lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())
-    on_t = meta_t[0][:, None, :] if meta_t is not None else 1
-    on_w = meta_w[0][:, :, None] if meta_w is not None else 1
-    # fp32 accumulation from the same 16-bit inputs: only the final rounding differs (n_taps 1)
-    assert_close(gt * on_t, wd[0].grad * on_t, dtype, 1, "dW tall")
-    assert_close(gw * on_w, wd[1].grad * on_w, dtype, 1, "dW wide")
-    assert_close(gb, bd.grad, dtype, 1, "db")
+    check_plane_dw(x, wt, ww, meta_t, meta_w, NB=cfg["NB"], LG=2)
 
 
 @pytest.mark.parametrize("N, H, W, NB, sparse", [
@@ -531,22 +539,7 @@ def test_plane_dw_packs_small_planes(N, H, W, NB, sparse):
     ms = [rand_mask(ws[0], "block", 0.5), rand_mask(ws[1], "block", 0.5)] if sparse else [None, None]
     meta_t, meta_w = op_mod.slot_metadata(ws, ms)
     wt, ww = op_mod.fold_branches(ws, ms)
-    dy = torch.randn_like(x)
-    with TritonRan("lk_conv2d_plane_dw_kernel"):
-        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
-                                                    sparse_t=meta_t, sparse_w=meta_w,
-                                                    config=dict(NB=NB, LG=3, num_warps=4, num_stages=1))
-    wd = [wt.detach().double().requires_grad_(True), ww.detach().double().requires_grad_(True)]
-    bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
-    lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())
-    on_t = meta_t[0][:, None, :] if meta_t is not None else 1
-    on_w = meta_w[0][:, :, None] if meta_w is not None else 1
-    # fp32 accumulation from the same bf16 inputs: only the final rounding to bf16 differs (n_taps 1)
-    assert_close(gt * on_t, wd[0].grad * on_t, dtype, 1, "dW tall")
-    assert_close(gw * on_w, wd[1].grad * on_w, dtype, 1, "dW wide")
-    assert_close(gb, bd.grad, dtype, 1, "db")
-    if sparse:
-        assert torch.equal(gt * (1 - on_t), torch.zeros_like(gt)) and torch.equal(gw * (1 - on_w), torch.zeros_like(gw))
+    check_plane_dw(x, wt, ww, meta_t, meta_w, NB=NB, LG=3)
 
 
 @pytest.mark.parametrize("how", ["inplace", "data"])
