@@ -386,6 +386,24 @@ def _aligned(v, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _plane_program(C, N, imgs_per_prog):
+    """The plane kernels' program -> (channel c, image group g, first image n_start, end n_stop) for a grid of
+    C * cdiv(N, imgs_per_prog) programs; n_start is int64 (image offsets n * stride may pass 2**31)."""
+    pid = tl.program_id(0)
+    c = pid % C
+    g = pid // C
+    n_start = g.to(tl.int64) * imgs_per_prog
+    n_stop = tl.minimum(n_start + imgs_per_prog, N)
+    return c, g, n_start, n_stop
+
+
+@triton.jit
+def _aligned_strides(sn, sc, sh, ALIGN: tl.constexpr):
+    """A tensor's image, channel and row strides restated as multiples of ALIGN (``_aligned``)."""
+    return _aligned(sn, ALIGN), _aligned(sc, ALIGN), _aligned(sh, ALIGN)
+
+
+@triton.jit
 def _in_registers(t):
     """``t`` itself (up to the sign of zeros): any elementwise op makes Triton feed a dot's A operand from registers
     rather than from shared memory, so that an operand shared by several dots is converted once and the wgmmas
@@ -468,16 +486,9 @@ def lk_conv2d_plane_fwd_kernel(
 ):
     """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
     y = sum_j T_j @ X_j + sum_i X_i @ U_i (+ bias), the T_j / U_i built once per program (see above)."""
-    pid = tl.program_id(0)
-    c = pid % C
-    n_start = (pid // C).to(tl.int64) * IMG      # int64: image offsets n * sxn may pass 2**31
-    n_stop = tl.minimum(n_start + IMG, N)
-    sxn = _aligned(sxn, ALIGN)
-    sxc = _aligned(sxc, ALIGN)
-    sxh = _aligned(sxh, ALIGN)
-    syn = _aligned(syn, ALIGN)
-    syc = _aligned(syc, ALIGN)
-    syh = _aligned(syh, ALIGN)
+    c, _, n_start, n_stop = _plane_program(C, N, IMG)
+    sxn, sxc, sxh = _aligned_strides(sxn, sxc, sxh, ALIGN)
+    syn, syc, syh = _aligned_strides(syn, syc, syh, ALIGN)
     W = _aligned(W, ALIGN)
     ar_h = tl.arange(0, BH)
     ar_w = tl.arange(0, BW)
@@ -745,17 +756,9 @@ def lk_conv2d_plane_dw_kernel(
     Wide line i: ``Q_i = sum_n DY_n^T @ X_{n,i}`` ([BW, BW]), dww[i, k] = sum_w Q_i[w, w + k - KW_W // 2].
     Each pass over the images loads dy once for LG lines. Deterministic: each program writes its own fp32
     partial; the host sums the S partials in a fixed order."""
-    pid = tl.program_id(0)
-    c = pid % C
-    s = pid // C
-    n_start = s.to(tl.int64) * imgs_per_prog      # int64: image offsets n * sxn may pass 2**31
-    n_stop = tl.minimum(n_start + imgs_per_prog, N)
-    sxn = _aligned(sxn, ALIGN)
-    sxc = _aligned(sxc, ALIGN)
-    sxh = _aligned(sxh, ALIGN)
-    sdn = _aligned(sdn, ALIGN)
-    sdc = _aligned(sdc, ALIGN)
-    sdh = _aligned(sdh, ALIGN)
+    c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
+    sxn, sxc, sxh = _aligned_strides(sxn, sxc, sxh, ALIGN)
+    sdn, sdc, sdh = _aligned_strides(sdn, sdc, sdh, ALIGN)
     W = _aligned(W, ALIGN)
     ar_h = tl.arange(0, BH)
     ar_w = tl.arange(0, BW)
