@@ -612,16 +612,37 @@ def _diagonal_sums(p, limit, KP: tl.constexpr, OFF: tl.constexpr):
 
 
 @triton.jit
+def _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, XS: tl.constexpr, ONES: tl.constexpr,
+               DOT_UPCAST: tl.constexpr, BH: tl.constexpr):
+    """x of a group of images shifted by XS columns, in the tall layout [BH, NB*BW] (0 outside the planes); ONES:
+    row BH - 1 (padding, H < BH) set to 1 in the real columns (the bias gradient, see ``_dw_tall_pass``)."""
+    cols = cw + XS
+    xt = tl.load(x_g + off_x + XS * sxw, mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img)[None, :], other=0.0)
+    if DOT_UPCAST:
+        xt = xt.to(tl.float32)
+    if ONES:
+        xt = tl.where((ar_h == BH - 1)[:, None] & ((cw < W) & img)[None, :], 1.0, xt)
+    return xt
+
+
+@triton.jit
 def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh, sdw,
                   ar_h, cw, cb, g, dwt_c,
                   KH: tl.constexpr, KW: tl.constexpr, J0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
                   BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                  BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
+                  BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, DY_LAG: tl.constexpr):
     """Tall lines J0 .. J0+LG-1 (those < KW) over the program's images: P_j += DY @ X_j^T for every image group
     (dy loaded once per group for all the lines), then the lines' tap gradients (diagonal sums of P_j) are written
     to dwt_c [KH, KW]. BIAS: 1 = add the images' dy to acc_b; 2 = the bias gradient by the tensor cores: the centre
     line's X gets a row of ones in its padding row BH - 1 (needs H < BH), so that column BH - 1 of its P sums dy;
-    acc_b[0, 0] receives it. Returns acc_b."""
+    acc_b[0, 0] receives it. Returns acc_b.
+
+    DY_LAG (dense passes; needs W < BW and unpacked images: the lag moves one real column into the padding): x
+    shifted by an odd number of columns cannot be loaded as vectors, so a line of odd shift s takes dy lagged by
+    one column and x shifted by s - 1 (even): P_s = sum_w dy[h, w - 1] x[r, w + s - 1]. Every x load is then at
+    an even shift, and an odd line shares the x of the even line before it: 2 dy loads and ceil(LG / 2) x loads
+    per image group instead of 1 and LG, one of them (the lagged dy) scalar instead of two. (Sparse passes load
+    each live line's x: a lagged dy loaded for lines that may all be skipped cost more than it saved.)"""
     NL: tl.constexpr = min(LG, KW - J0)
     live = ()
     accs = ()
@@ -642,18 +663,31 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
         if DOT_UPCAST:
             dy = dy.to(tl.float32)
         dy = _in_registers(dy)   # the A operand of every line's dot
+        dy_lag = dy              # (unused unless DY_LAG)
+        if DY_LAG and not SPARSE:
+            dy_lag = tl.load(d_c + n0 * sdn + off_d - sdw,
+                             mask=row_in[:, None] & ((cw >= 1) & (cw <= W) & img)[None, :], other=0.0)
+            if DOT_UPCAST:
+                dy_lag = dy_lag.to(tl.float32)
+            dy_lag = _in_registers(dy_lag)
         new = ()
         for l in tl.static_range(NL):
             p = accs[l]
-            if live[l]:
-                cols = cw + (J0 + l - KW // 2)
-                xt = tl.load(x_g + off_x + (J0 + l - KW // 2) * sxw,
-                             mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img)[None, :], other=0.0)
-                if DOT_UPCAST:
-                    xt = xt.to(tl.float32)
-                if BIAS == 2 and J0 + l == KW // 2:
-                    xt = tl.where((ar_h == BH - 1)[:, None] & ((cw < W) & img)[None, :], 1.0, xt)
-                p = tl.dot(dy, tl.trans(xt), p, input_precision=DOT_PREC)
+            # (compile-time values, one per unrolled line: the column shift, lagged dy or not, the shift of its x)
+            s = J0 + l - KW // 2
+            lag = DY_LAG and not SPARSE and s % 2 != 0
+            xs = s - 1 if lag else s
+            ones = BIAS == 2 and s == 0
+            if SPARSE:
+                if live[l]:   # (a runtime branch: the line loads its own x)
+                    xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, s, ones, DOT_UPCAST, BH)
+                    p = tl.dot(dy, tl.trans(xt), p, input_precision=DOT_PREC)
+            else:
+                if not (lag and l > 0):   # else the previous (even) line's x, at shift s - 1
+                    # (a line sharing the centre line's x sees its ones row only in P's column BH - 1 >= H,
+                    # outside every diagonal sum)
+                    xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, xs, ones, DOT_UPCAST, BH)
+                p = tl.dot(dy_lag if lag else dy, tl.trans(xt), p, input_precision=DOT_PREC)
             new = new + (p,)
         accs = new
     kk = tl.arange(0, KP)
@@ -812,7 +846,8 @@ def lk_conv2d_plane_dw_kernel(
                                sdw, ar_h, cw, cb, g_t, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,
                                SPARSE=SPARSE_T,
                                BIAS=BIAS_T if (j0 <= KW_T // 2 and KW_T // 2 < j0 + LG) or BIAS_T == 1 and j0 == 0
-                               else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT)
+                               else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT,
+                               DY_LAG=W_PADDED and not PACK_T)
     for i0 in tl.static_range(0, KH_W, LG):
         acc_bw = _dw_wide_pass(acc_bw, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_w, rh, rb, g_w, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,

@@ -461,11 +461,13 @@ def test_only_active_lines_are_computed(density, dtype, path):
     assert torch.equal(gw * (1 - mw[:, 0]), torch.zeros_like(gw)), "inactive lines must get no work (zero)"
 
 
-def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG):
-    """Runs the plane weight-gradient kernel (NB images per dot, LG lines per pass) on fresh dy and compares the
-    slot and bias gradients with float64 autograd; inactive lines must get exactly zero."""
-    dtype, C = x.dtype, x.shape[1]
-    dy = torch.randn_like(x)
+def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG, dy_strided=False):
+    """Runs the plane weight-gradient kernel (NB images per dot, LG lines per pass) on fresh dy (dy_strided: a
+    view whose strides differ from x's) and compares the slot and bias gradients with float64 autograd; inactive
+    lines must get exactly zero."""
+    dtype, (N, C, H, W) = x.dtype, x.shape
+    dy = torch.randn(N, 2 * C, H, W, device=DEV).to(dtype)[:, 1::2] if dy_strided else torch.randn_like(x)
+    assert (dy.stride() != x.stride()) == dy_strided
     with TritonRan("lk_conv2d_plane_dw_kernel"):
         gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
                                                     sparse_t=meta_t, sparse_w=meta_w,
@@ -540,6 +542,29 @@ def test_plane_dw_packs_small_planes(N, H, W, NB, sparse):
     meta_t, meta_w = op_mod.slot_metadata(ws, ms)
     wt, ww = op_mod.fold_branches(ws, ms)
     check_plane_dw(x, wt, ww, meta_t, meta_w, NB=NB, LG=3)
+
+
+@pytest.mark.parametrize("H, W, KW, LG, sparse, dy_strided", [
+    (9, 14, 5, 5, False, False),   # W < BW, unpacked: odd lines take the lagged dy and share the even line's x
+    (9, 13, 5, 2, False, True),    # odd W; passes of 2 lines: the odd line first in its pass; dy strided unlike x
+    (6, 14, 3, 3, True, False),    # sparse passes: each live line loads its own x, no lag
+    (5, 13, 7, 5, False, False),   # shifts -3..3 in passes of 5 and 2 lines
+    (5, 14, 3, 3, False, True),    # shifts -1..1, the first line odd (loads x at -2 itself)
+    (9, 16, 5, 5, False, True),    # W == BW: no padding column to lag into, the plain path
+])
+def test_plane_dw_tall_lines_with_lagged_dy(H, W, KW, LG, sparse, dy_strided):
+    """The tall passes of the plane weight-gradient kernel compute a line of odd column shift s from dy lagged
+    by one column and x shifted by s - 1 (``DY_LAG``): same gradients as float64 autograd, the last real column
+    of dy included, at every pass boundary."""
+    assert not op_mod.plane_dw_pack(W)
+    torch.manual_seed(H * 100 + W * 10 + KW)
+    N, C, dtype = 3, 2, torch.bfloat16
+    x = torch.randn(N, C, H, W, device=DEV).to(dtype)
+    ws = [(torch.randn(C, 1, 11, KW, device=DEV) / 8).to(dtype), (torch.randn(C, 1, 3, 9, device=DEV) / 8).to(dtype)]
+    ms = [rand_mask(ws[0], "block", 0.5), None] if sparse else [None, None]
+    meta_t, meta_w = op_mod.slot_metadata(ws, ms)
+    wt, ww = op_mod.fold_branches(ws, ms)
+    check_plane_dw(x, wt, ww, meta_t, meta_w, NB=2, LG=LG, dy_strided=dy_strided)
 
 
 @pytest.mark.parametrize("how", ["inplace", "data"])
