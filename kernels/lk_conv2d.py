@@ -356,10 +356,12 @@ def lk_conv2d_plane_default_config(H, W, elem_bytes=2):
 def lk_conv2d_plane_dw_configs():
     """Autotune candidates of the plane weight-gradient kernel: NB images per tl.dot (along its K dimension), LG
     lines accumulated per pass over the images (each pass loads dy once; LG [B, B] fp32 accumulators in
-    registers at once). (4, 2, 4) is the static model's best on 32-padded planes (SLaK-T stage 2, bench/NOTES.md)."""
+    registers at once). The static model's ranking is in bench/NOTES.md; on 32- and 16-padded planes (SLaK-T stages
+    2-4) its best keep every line of a slot in one pass with 2 or 4 warps: fewer warps per program leave room for
+    more resident programs, which hide the passes' global-load latency."""
     return [triton.Config({"NB": nb, "LG": lg}, num_warps=w, num_stages=1)
             for nb, lg, w in [(1, 1, 4), (1, 2, 4), (1, 3, 8), (1, 5, 8), (2, 2, 4), (2, 3, 8), (2, 5, 8), (4, 2, 4),
-                              (4, 5, 4), (4, 5, 8)]]
+                              (4, 5, 4), (4, 5, 8), (2, 5, 2), (4, 5, 2), (2, 5, 4)]]
 
 
 def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2):
