@@ -602,6 +602,15 @@ def lk_conv2d_plane_fwd_kernel(
 
 
 @triton.jit
+def _plane_slots(k, n, B: tl.constexpr, PACK: tl.constexpr):
+    """(position in its plane, image) of each index k along a K dimension of images side by side: images of the
+    plane's own size n when PACK, else of its padded size B."""
+    if PACK:
+        return k % n, k // n
+    return k % B, k // B
+
+
+@triton.jit
 def _diagonal_sums(p, limit, KP: tl.constexpr, OFF: tl.constexpr):
     """g[k] = sum_h p[h, h + k - OFF] for k < KP, over the columns r < limit of p (others count 0): the tap
     gradients of one line from the correlation matrix p [B(h), B(r)] of output rows and input rows (or columns)."""
@@ -802,23 +811,15 @@ def lk_conv2d_plane_dw_kernel(
     # Both sum over their K dimension (images and columns / rows alike), so on small planes (PACK_*) the images
     # are packed at the plane's own width (height) instead: cc // W images of W columns, (NB*BW) // W per dot
     # (a 7x7 plane: 9 images per 64 columns instead of 4).
-    cc = tl.arange(0, NB * BW)
-    rq = tl.arange(0, NB * BH)
-    if PACK_T:
-        cw = cc % W
-        cb = cc // W
+    cw, cb = _plane_slots(tl.arange(0, NB * BW), W, BW, PACK_T)
+    rh, rb = _plane_slots(tl.arange(0, NB * BH), H, BH, PACK_W)
+    if PACK_T:   # images per dot (runtime when packed: W is an argument)
         g_t = (NB * BW) // W
     else:
-        cw = cc % BW
-        cb = cc // BW
         g_t = NB
     if PACK_W:
-        rh = rq % H
-        rb = rq // H
         g_w = (NB * BH) // H
     else:
-        rh = rq % BH
-        rb = rq // BH
         g_w = NB
     if WIDE_IDX:
         ar_h = ar_h.to(tl.int64)
