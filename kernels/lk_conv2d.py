@@ -833,13 +833,14 @@ def lk_conv2d_plane_dw_kernel(
     d_c = dy_ptr + c64 * sdc
     out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
     # The bias gradient rides along the pass over the images that holds the slot's centre line: computed by its
-    # dot when the plane has a padding row (column) to hold ones (BIAS_* 2), else summed from dy (1).
+    # dot when the plane has a padding row (column) to hold ones (BIAS_* 2), else summed from dy (1). Not by the
+    # dot in sparse passes: an inactive centre line skips it.
     if HAS_BIAS and KW_T > 0:
-        BIAS_T: tl.constexpr = 2 if H_PADDED else 1
+        BIAS_T: tl.constexpr = 2 if H_PADDED and not SPARSE_T else 1
     else:
         BIAS_T: tl.constexpr = 0
     if HAS_BIAS and KW_T == 0:
-        BIAS_W: tl.constexpr = 2 if W_PADDED else 1
+        BIAS_W: tl.constexpr = 2 if W_PADDED and not SPARSE_W else 1
     else:
         BIAS_W: tl.constexpr = 0
     acc_bt = tl.zeros((BH, NB * BW) if BIAS_T == 1 else (1, 1), dtype=tl.float32)
@@ -848,15 +849,15 @@ def lk_conv2d_plane_dw_kernel(
         acc_bt = _dw_tall_pass(acc_bt, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_h, cw, cb, g_t, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,
                                SPARSE=SPARSE_T,
-                               BIAS=BIAS_T if (j0 <= KW_T // 2 and KW_T // 2 < j0 + LG) or BIAS_T == 1 and j0 == 0
-                               else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT,
+                               BIAS=BIAS_T if (BIAS_T == 2 and j0 <= KW_T // 2 and KW_T // 2 < j0 + LG)
+                               or (BIAS_T == 1 and j0 == 0) else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT,
                                DY_LAG=W_PADDED and not PACK_T)
     for i0 in tl.static_range(0, KH_W, LG):
         acc_bw = _dw_wide_pass(acc_bw, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_w, rh, rb, g_w, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,
                                SPARSE=SPARSE_W,
-                               BIAS=BIAS_W if (i0 <= KH_W // 2 and KH_W // 2 < i0 + LG) or BIAS_W == 1 and i0 == 0
-                               else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)
+                               BIAS=BIAS_W if (BIAS_W == 2 and i0 <= KH_W // 2 and KH_W // 2 < i0 + LG)
+                               or (BIAS_W == 1 and i0 == 0) else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)
     if HAS_BIAS:
         tl.store(db_ptr + out_c, tl.sum(tl.sum(acc_bt, axis=1), axis=0) + tl.sum(tl.sum(acc_bw, axis=1), axis=0))
 

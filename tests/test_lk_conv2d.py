@@ -567,6 +567,29 @@ def test_plane_dw_tall_lines_with_lagged_dy(H, W, KW, LG, sparse, dy_strided):
     check_plane_dw(x, wt, ww, meta_t, meta_w, NB=2, LG=LG, dy_strided=dy_strided)
 
 
+@pytest.mark.parametrize("H, W, LG, centre_on", [
+    (16, 9, 2, True),     # H == BH (no padding row): dy summed once, in the first pass, not again in the centre's
+    (16, 9, 1, False),    # ... with the centre line inactive
+    (9, 7, 2, False),     # padding row, sparse centre line inactive: the ones row cannot carry the bias
+    (9, 7, 5, True),      # padding row, centre line active: the bias by the centre line's dot
+])
+def test_plane_dw_bias_gradient_once(H, W, LG, centre_on):
+    """The plane weight-gradient kernel's bias gradient counts every dy once whatever the pass holding the slot's
+    centre line and whether that line is active (a line-sparse tall slot can drop its centre column)."""
+    torch.manual_seed(H * 10 + LG)
+    N, C, dtype = 3, 2, torch.bfloat16
+    x = torch.randn(N, C, H, W, device=DEV).to(dtype)
+    ws = [(torch.randn(C, 1, 11, 5, device=DEV) / 8).to(dtype), (torch.randn(C, 1, 3, 9, device=DEV) / 8).to(dtype)]
+    m = torch.ones(C, 1, 11, 5, device=DEV, dtype=dtype)
+    if not centre_on:
+        m[:, :, :, 2] = 0
+    ms = [m, None]
+    meta_t, meta_w = op_mod.slot_metadata(ws, ms)
+    assert bool(meta_t[0][:, 2].all()) == centre_on
+    wt, ww = op_mod.fold_branches(ws, ms)
+    check_plane_dw(x, wt, ww, meta_t, meta_w, NB=1, LG=LG)
+
+
 @pytest.mark.parametrize("how", ["inplace", "data"])
 def test_mask_changes_are_always_honoured(how):
     """The active lines are derived from the masks on every call, so a mask changed in place (even through
