@@ -346,10 +346,13 @@ def lk_conv2d_plane_configs():
 def lk_conv2d_plane_default_config(H, W, elem_bytes=2):
     """The plane forward kernel's config where autotuning is off (interpreter, compile-only checks): near the
     static model's best per plane size (bench/NOTES.md) and spill-free for sm_80 and sm_90 under triton 3.6 to
-    3.8; small planes stack more images per dot, tall slot transposed. (On 64-padded planes the model's best, 4
-    warps, holds its [64, 64] fp32 accumulator in 250 registers under triton 3.6 but spills under 3.8.)"""
+    3.8; small planes stack more images per dot, tall slot transposed (fp32 splits on 32-padded planes: one image
+    per dot). (On 64-padded planes the model's best, 4 warps, holds its [64, 64] fp32 accumulator in 250 registers
+    under triton 3.6 but spills under 3.8.)"""
     if max(H, W) > 32:
         return {"NB": 1, "IMG": 32, "TALL_T": False, "num_warps": 8, "num_stages": 1}
+    if elem_bytes == 4 and max(H, W) > 16:   # fp32 as bf16 splits on 32-padded planes: one image per dot
+        return {"NB": 1, "IMG": 16, "TALL_T": False, "num_warps": 4, "num_stages": 1}
     return {"NB": 4, "IMG": 64, "TALL_T": True, "num_warps": 4, "num_stages": 1}
 
 
@@ -367,9 +370,12 @@ def lk_conv2d_plane_dw_configs():
 def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2):
     """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md), the largest LG that
     compiles spill-free for sm_80 and sm_90 (triton 3.6 to 3.8): on 64-padded planes 2 lines per pass (LG [64, 64]
-    fp32 accumulators), on small planes every line of a SLaK slot (5) in one pass; 8 warps."""
+    fp32 accumulators), on small planes every line of a SLaK slot (5) in one pass (fp32 splits: one image per
+    dot); 8 warps."""
     if max(H, W) > 32:
         return {"NB": 1, "LG": 2, "num_warps": 8, "num_stages": 1}
+    if elem_bytes == 4:   # fp32 as bf16 splits (16-padded planes): three parts of dy in registers, one image per dot
+        return {"NB": 1, "LG": 5, "num_warps": 8, "num_stages": 1}
     return {"NB": 4, "LG": 5, "num_warps": 8, "num_stages": 1}
 
 
@@ -433,6 +439,48 @@ def _mma_anchor(acc, DT: tl.constexpr):
 
 
 @triton.jit
+def _operand_parts(v, NP: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """The dot operands standing for ``v``: ``(v,)``, or when SPLIT its first NP bf16 parts v_0 + v_1 + v_2 = v
+    (each the bf16 rounding of what the earlier parts leave; the residuals are exact in fp32, and three parts
+    hold all 24 bits of an fp32 significand). UPCAST: the parts as fp32 (interpreter)."""
+    if SPLIT:   # (one return statement: triton types every return alike, taken or not)
+        parts = ()
+        r = v
+        for a in tl.static_range(NP):
+            p = r.to(tl.bfloat16)
+            if a + 1 < NP:
+                r = r - p.to(tl.float32)
+            if UPCAST:
+                p = p.to(tl.float32)
+            parts = parts + (p,)
+    else:
+        if UPCAST:
+            v = v.to(tl.float32)
+        parts = (v,)
+    return parts
+
+
+@triton.jit
+def _a_operands(v, NP: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """``_operand_parts`` of ``v`` kept in registers (``_in_registers``): A operands shared by several dots."""
+    parts = _operand_parts(v, NP, SPLIT, UPCAST)
+    out = ()
+    for a in tl.static_range(NP):
+        out = out + (_in_registers(parts[a]),)
+    return out
+
+
+@triton.jit
+def _split_dots_bt(a_parts, b_parts, acc, NP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + sum over a + b < NP of a_parts[a] @ b_parts[b]^T (NP parts each): one product without splits, the six
+    that matter of three-part splits."""
+    for a in tl.static_range(NP):
+        for b in tl.static_range(NP - a):
+            acc = tl.dot(a_parts[a], tl.trans(b_parts[b]), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _tall_toeplitz(w_c, swh, sww, j, ar_h, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
     """T_j [BH(h), BH(r)] = w[r - h + KH//2, j] (of the 180-degree rotated kernel when FLIP), 0 off the band."""
     k = ar_h[None, :] - ar_h[:, None] + KH // 2
@@ -456,10 +504,10 @@ def _wide_toeplitz(w_c, swh, sww, i, ar_w, KH: tl.constexpr, KW: tl.constexpr, F
 def lk_conv2d_plane_fwd_kernel(
     # ---- pointers ----
     x_ptr,        # [N, C, H, W] input (dy for the input gradient), any strides
-    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0)
-    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0)
+    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0; SPLIT: [3, C, KH_T, KW_T] bf16)
+    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0; SPLIT: [3, C, KH_W, KW_W] bf16)
     b_ptr,        # [C] bias (HAS_BIAS only)
-    y_ptr,        # [N, C, H, W] output, any strides, fully overwritten
+    y_ptr,        # [N, C, H, W] output, any strides, fully overwritten (SPLIT_LO > 0: added to)
     t_act_ptr,    # [C, KW_T] int32: 1 = tall line j of channel c has an active tap (SPARSE_T only)
     w_act_ptr,    # [C, KH_W] int32: 1 = wide line i active (SPARSE_W only)
     # ---- sizes ----
@@ -485,9 +533,17 @@ def lk_conv2d_plane_fwd_kernel(
     IMG: tl.constexpr,        # images per program (a multiple of NB)
     TALL_T: tl.constexpr = False,   # the tall slot as X_j^T @ T_j^T: images stacked along M as in the wide slot,
                                     # both Toeplitz operands B operands, the sum in the wide layout
+    SPLIT_LO: tl.constexpr = 0,     # fp32 as bf16 splits (0, 0: off): x = x_0 + x_1 + x_2 exactly (split here, in
+    SPLIT_HI: tl.constexpr = 0,     # registers), wt / ww hold [3, C, KH, KW] bf16 splits w_0 + w_1 + w_2 of the
+                                    # fp32 weights; this launch adds the products x_a w_s with a + s <= 2 for
+                                    # SPLIT_LO <= s < SPLIT_HI (6 bf16 products: exact up to 2**-26 relative, fp32
+                                    # sums); SPLIT_LO > 0 adds to the y an earlier launch wrote (bias there)
 ):
     """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
     y = sum_j T_j @ X_j + sum_i X_i @ U_i (+ bias), the T_j / U_i built once per program (see above)."""
+    SPLIT: tl.constexpr = SPLIT_HI > 0
+    NS: tl.constexpr = SPLIT_HI - SPLIT_LO if SPLIT else 1    # weight splits (Toeplitz sets) of this launch
+    XS: tl.constexpr = 3 - SPLIT_LO if SPLIT else 1           # x parts this launch multiplies
     c, _, n_start, n_stop = _plane_program(C, N, IMG)
     sxn, sxc, sxh = _aligned_strides(sxn, sxc, sxh, ALIGN)
     syn, syc, syh = _aligned_strides(syn, syc, syh, ALIGN)
@@ -499,16 +555,18 @@ def lk_conv2d_plane_fwd_kernel(
         ar_w = ar_w.to(tl.int64)
     c64 = c.to(tl.int64)
 
-    # The channel's Toeplitz operands, built once (loop-invariant: they stay in shared memory).
+    # The channel's Toeplitz operands, built once (loop-invariant: they stay in shared memory); weight split s of
+    # channel c is channel s * C + c of the [3, C, KH, KW] splits.
     ts = ()
-    for j in tl.static_range(KW_T):
-        t = _tall_toeplitz(wt_ptr + c64 * swt_c, swt_h, swt_w, j, ar_h, KH_T, KW_T, FLIP)
-        if TALL_T:
-            t = tl.trans(t)
-        ts = ts + (t,)
     us = ()
-    for i in tl.static_range(KH_W):
-        us = us + (_wide_toeplitz(ww_ptr + c64 * sww_c, sww_h, sww_w, i, ar_w, KH_W, KW_W, FLIP),)
+    for s in tl.static_range(SPLIT_LO, SPLIT_LO + NS):
+        for j in tl.static_range(KW_T):
+            t = _tall_toeplitz(wt_ptr + (s * C + c64) * swt_c, swt_h, swt_w, j, ar_h, KH_T, KW_T, FLIP)
+            if TALL_T:
+                t = tl.trans(t)
+            ts = ts + (t,)
+        for i in tl.static_range(KH_W):
+            us = us + (_wide_toeplitz(ww_ptr + (s * C + c64) * sww_c, sww_h, sww_w, i, ar_w, KH_W, KW_W, FLIP),)
 
     # Tall layout: accumulator column cc = image cc // BW, column cc % BW; wide layout: row rq = image rq // BH.
     cc = tl.arange(0, NB * BW)
@@ -524,9 +582,12 @@ def lk_conv2d_plane_fwd_kernel(
         rb = rb.to(tl.int64)
     x_c = x_ptr + c64 * sxc
     y_c = y_ptr + c64 * syc
-    if HAS_BIAS:
+    BIAS: tl.constexpr = HAS_BIAS and SPLIT_LO == 0   # (the first of several split launches adds it)
+    if BIAS:
         bias = tl.load(b_ptr + c).to(tl.float32)
     row_in = ar_h < H
+    # the dots' operand type (the anchors of sparse accumulators must match it)
+    OP_DT: tl.constexpr = tl.float32 if DOT_UPCAST else (tl.bfloat16 if SPLIT else x_ptr.dtype.element_ty)
 
     # Offsets inside a group of NB images from its first image (int32 unless WIDE_IDX): loop-invariant.
     off_t = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw      # tall layout [BH, NB*BW]
@@ -562,43 +623,51 @@ def lk_conv2d_plane_fwd_kernel(
                     cols = cw + (j - KW_T // 2)
                     xt = tl.load(x_g + off_t + (j - KW_T // 2) * sxw,
                                  mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img_c)[None, :], other=0.0)
-                t = ts[j]
-                if DOT_UPCAST:
-                    t = t.to(tl.float32)
-                    xt = xt.to(tl.float32)
-                if TALL_T:
-                    acc_t = tl.dot(xt, t, acc_t, input_precision=DOT_PREC)
-                else:
-                    acc_t = tl.dot(t, xt, acc_t, input_precision=DOT_PREC)
+                xps = _operand_parts(xt, XS, SPLIT, DOT_UPCAST)
+                for s in tl.static_range(NS):
+                    t = ts[s * KW_T + j]
+                    if DOT_UPCAST:
+                        t = t.to(tl.float32)
+                    for a in tl.static_range(XS - s):
+                        if TALL_T:
+                            acc_t = tl.dot(xps[a], t, acc_t, input_precision=DOT_PREC)
+                        else:
+                            acc_t = tl.dot(t, xps[a], acc_t, input_precision=DOT_PREC)
         if SPARSE_T:
-            acc_t = _mma_anchor(acc_t, x_ptr.dtype.element_ty if not DOT_UPCAST else tl.float32)
+            acc_t = _mma_anchor(acc_t, OP_DT)
         for i in tl.static_range(KH_W):
             if _line_on(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W):
                 rows = rh + (i - KH_W // 2)
                 xw = tl.load(x_g + off_w + (i - KH_W // 2) * sxh,
                              mask=((rows >= 0) & (rows < H) & img_r)[:, None] & (ar_w < W)[None, :], other=0.0)
-                u = us[i]
-                if DOT_UPCAST:
-                    u = u.to(tl.float32)
-                    xw = xw.to(tl.float32)
-                acc_w = tl.dot(xw, u, acc_w, input_precision=DOT_PREC)
+                xps = _operand_parts(xw, XS, SPLIT, DOT_UPCAST)
+                for s in tl.static_range(NS):
+                    u = us[s * KH_W + i]
+                    if DOT_UPCAST:
+                        u = u.to(tl.float32)
+                    for a in tl.static_range(XS - s):
+                        acc_w = tl.dot(xps[a], u, acc_w, input_precision=DOT_PREC)
         if SPARSE_W:
-            acc_w = _mma_anchor(acc_w, x_ptr.dtype.element_ty if not DOT_UPCAST else tl.float32)
+            acc_w = _mma_anchor(acc_w, OP_DT)
         if TALL_T:   # everything in the wide layout [NB*BH, BW]
             acc = acc_w + tl.reshape(tl.permute(tl.reshape(acc_t, (NB, BW, BH)), (0, 2, 1)), (NB * BH, BW))
-            if HAS_BIAS:
+            if BIAS:
                 acc += bias
-            tl.store(y_c + n0 * syn + off_yw, acc.to(y_ptr.dtype.element_ty),
-                     mask=((rh < H) & img_r)[:, None] & (ar_w < W)[None, :])
+            out_ok = ((rh < H) & img_r)[:, None] & (ar_w < W)[None, :]
+            if SPLIT_LO > 0:
+                acc += tl.load(y_c + n0 * syn + off_yw, mask=out_ok, other=0.0)
+            tl.store(y_c + n0 * syn + off_yw, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
         else:
             if NB == 1:
                 acc = acc_t + acc_w
             else:   # the wide accumulator to the tall layout, once per NB images
                 acc = acc_t + tl.reshape(tl.permute(tl.reshape(acc_w, (NB, BH, BW)), (1, 0, 2)), (BH, NB * BW))
-            if HAS_BIAS:
+            if BIAS:
                 acc += bias
-            tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty),
-                     mask=row_in[:, None] & ((cw < W) & img_c)[None, :])
+            out_ok = row_in[:, None] & ((cw < W) & img_c)[None, :]
+            if SPLIT_LO > 0:
+                acc += tl.load(y_c + n0 * syn + off_y, mask=out_ok, other=0.0)
+            tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -641,7 +710,7 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                   ar_h, cw, cb, g, dwt_c,
                   KH: tl.constexpr, KW: tl.constexpr, J0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
                   BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                  BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, DY_LAG: tl.constexpr):
+                  BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, DY_LAG: tl.constexpr, SPLIT: tl.constexpr):
     """Tall lines J0 .. J0+LG-1 (those < KW) over the program's images: P_j += DY @ X_j^T for every image group
     (dy loaded once per group for all the lines), then the lines' tap gradients (diagonal sums of P_j) are written
     to dwt_c [KH, KW]. BIAS: 1 = add the images' dy to acc_b; 2 = the bias gradient by the tensor cores: the centre
@@ -653,8 +722,11 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
     one column and x shifted by s - 1 (even): P_s = sum_w dy[h, w - 1] x[r, w + s - 1]. Every x load is then at
     an even shift, and an odd line shares the x of the even line before it: 2 dy loads and ceil(LG / 2) x loads
     per image group instead of 1 and LG, one of them (the lagged dy) scalar instead of two. (Sparse passes load
-    each live line's x: a lagged dy loaded for lines that may all be skipped cost more than it saved.)"""
+    each live line's x: a lagged dy loaded for lines that may all be skipped cost more than it saved.)
+
+    SPLIT (fp32; not with DY_LAG): dy and x as three bf16 parts each, P_j += DY_a @ X_{j,b}^T for a + b <= 2."""
     NL: tl.constexpr = min(LG, KW - J0)
+    NP: tl.constexpr = 3 if SPLIT else 1
     live = ()
     accs = ()
     for l in tl.static_range(NL):
@@ -671,16 +743,12 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                      other=0.0)
         if BIAS == 1:
             acc_b += dy.to(tl.float32)
-        if DOT_UPCAST:
-            dy = dy.to(tl.float32)
-        dy = _in_registers(dy)   # the A operand of every line's dot
-        dy_lag = dy              # (unused unless DY_LAG)
+        dys = _a_operands(dy, NP, SPLIT, DOT_UPCAST)   # the A operands of every line's dots
+        dy_lag = dys             # (unused unless DY_LAG)
         if DY_LAG and not SPARSE:
-            dy_lag = tl.load(d_c + n0 * sdn + off_d - sdw,
-                             mask=row_in[:, None] & ((cw >= 1) & (cw <= W) & img)[None, :], other=0.0)
-            if DOT_UPCAST:
-                dy_lag = dy_lag.to(tl.float32)
-            dy_lag = _in_registers(dy_lag)
+            dy_lag = _a_operands(tl.load(d_c + n0 * sdn + off_d - sdw,
+                                         mask=row_in[:, None] & ((cw >= 1) & (cw <= W) & img)[None, :], other=0.0),
+                                 NP, SPLIT, DOT_UPCAST)
         new = ()
         for l in tl.static_range(NL):
             p = accs[l]
@@ -692,13 +760,17 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
             if SPARSE:
                 if live[l]:   # (a runtime branch: the line loads its own x)
                     xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, s, ones, DOT_UPCAST, BH)
-                    p = tl.dot(dy, tl.trans(xt), p, input_precision=DOT_PREC)
+                    p = _split_dots_bt(dys, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), p, NP, DOT_PREC)
             else:
                 if not (lag and l > 0):   # else the previous (even) line's x, at shift s - 1
                     # (a line sharing the centre line's x sees its ones row only in P's column BH - 1 >= H,
                     # outside every diagonal sum)
                     xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, xs, ones, DOT_UPCAST, BH)
-                p = tl.dot(dy_lag if lag else dy, tl.trans(xt), p, input_precision=DOT_PREC)
+                    xts = _operand_parts(xt, NP, SPLIT, DOT_UPCAST)
+                if lag:
+                    p = _split_dots_bt(dy_lag, xts, p, NP, DOT_PREC)
+                else:
+                    p = _split_dots_bt(dys, xts, p, NP, DOT_PREC)
             new = new + (p,)
         accs = new
     kk = tl.arange(0, KP)
@@ -716,10 +788,11 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                   ar_w, rh, rb, g, dww_c,
                   KH: tl.constexpr, KW: tl.constexpr, I0: tl.constexpr, LG: tl.constexpr, SPARSE: tl.constexpr,
                   BIAS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                  BW: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr):
+                  BW: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr):
     """Wide lines I0 .. I0+LG-1: Q_i += DY^T @ X_i ([BW, BW]) per image group, then dww_c[i, k] = the diagonal
     sums of Q_i. The transpose of ``_dw_tall_pass`` (images stacked along rows; BIAS 2 uses column BW - 1)."""
     NL: tl.constexpr = min(LG, KH - I0)
+    NP: tl.constexpr = 3 if SPLIT else 1
     live = ()
     accs = ()
     for l in tl.static_range(NL):
@@ -736,9 +809,7 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                      other=0.0)
         if BIAS == 1:
             acc_b += dy.to(tl.float32)
-        if DOT_UPCAST:
-            dy = dy.to(tl.float32)
-        dyt = _in_registers(tl.trans(dy))   # the A operand of every line's dot
+        dyts = _a_operands(tl.trans(dy), NP, SPLIT, DOT_UPCAST)   # the A operands of every line's dots
         new = ()
         for l in tl.static_range(NL):
             q = accs[l]
@@ -750,7 +821,10 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                     xw = xw.to(tl.float32)
                 if BIAS == 2 and I0 + l == KH // 2:
                     xw = tl.where(((rh < H) & img)[:, None] & (ar_w == BW - 1)[None, :], 1.0, xw)
-                q = tl.dot(dyt, xw, q, input_precision=DOT_PREC)
+                xws = _operand_parts(xw, NP, SPLIT, DOT_UPCAST)
+                for a in tl.static_range(NP):
+                    for b in tl.static_range(NP - a):
+                        q = tl.dot(dyts[a], xws[b], q, input_precision=DOT_PREC)
             new = new + (q,)
         accs = new
     kk = tl.arange(0, KP)
@@ -793,6 +867,8 @@ def lk_conv2d_plane_dw_kernel(
                               # accumulators live in registers at once)
     KPT: tl.constexpr,        # next_power_of_2(KH_T) (1 when absent): taps of a tall line
     KPW: tl.constexpr,        # next_power_of_2(KW_W): taps of a wide line
+    SPLIT: tl.constexpr = False,  # fp32 as bf16 splits: x and dy as three bf16 parts each (exact), the six
+                                  # products x_b dy_a with a + b <= 2 summed in fp32 (bf16 tensor-core dots)
 ):
     """Weight (and bias) gradients of one channel over one group of images. Grid: (C * S,).
 
@@ -851,13 +927,13 @@ def lk_conv2d_plane_dw_kernel(
                                SPARSE=SPARSE_T,
                                BIAS=BIAS_T if (BIAS_T == 2 and j0 <= KW_T // 2 and KW_T // 2 < j0 + LG)
                                or (BIAS_T == 1 and j0 == 0) else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BH=BH, NB=NB, KP=KPT,
-                               DY_LAG=W_PADDED and not PACK_T)
+                               DY_LAG=W_PADDED and not PACK_T and not SPLIT, SPLIT=SPLIT)
     for i0 in tl.static_range(0, KH_W, LG):
         acc_bw = _dw_wide_pass(acc_bw, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_w, rh, rb, g_w, dww_ptr + out_c * (KH_W * KW_W), KH=KH_W, KW=KW_W, I0=i0, LG=LG,
                                SPARSE=SPARSE_W,
                                BIAS=BIAS_W if (BIAS_W == 2 and i0 <= KH_W // 2 and KH_W // 2 < i0 + LG)
-                               or (BIAS_W == 1 and i0 == 0) else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW)
+                               or (BIAS_W == 1 and i0 == 0) else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW, SPLIT=SPLIT)
     if HAS_BIAS:
         tl.store(db_ptr + out_c, tl.sum(tl.sum(acc_bt, axis=1), axis=0) + tl.sum(tl.sum(acc_bw, axis=1), axis=0))
 

@@ -461,31 +461,36 @@ def test_only_active_lines_are_computed(density, dtype, path):
     assert torch.equal(gw * (1 - mw[:, 0]), torch.zeros_like(gw)), "inactive lines must get no work (zero)"
 
 
-def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG, dy_strided=False):
+def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG, dy_strided=False, max_rel_l2=None):
     """Runs the plane weight-gradient kernel (NB images per dot, LG lines per pass) on fresh dy (dy_strided: a
-    view whose strides differ from x's) and compares the slot and bias gradients with float64 autograd; inactive
-    lines must get exactly zero."""
+    view whose strides differ from x's) and compares the slot and bias gradients with float64 autograd (and their
+    relative L2 errors with ``max_rel_l2`` when given); inactive lines must get exactly zero. ww may be None."""
     dtype, (N, C, H, W) = x.dtype, x.shape
     dy = torch.randn(N, 2 * C, H, W, device=DEV).to(dtype)[:, 1::2] if dy_strided else torch.randn_like(x)
     assert (dy.stride() != x.stride()) == dy_strided
     with TritonRan("lk_conv2d_plane_dw_kernel"):
-        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]), tuple(ww.shape[1:]), True,
+        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]),
+                                                    None if ww is None else tuple(ww.shape[1:]), True,
                                                     sparse_t=meta_t, sparse_w=meta_w,
                                                     config=dict(NB=NB, LG=LG, num_warps=4, num_stages=1))
-    wd = [wt.detach().double().requires_grad_(True), ww.detach().double().requires_grad_(True)]
+    wd = [w.detach().double().requires_grad_(True) for w in (wt, ww) if w is not None]
     bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
     lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())
     on_t = meta_t[0][:, None, :] if meta_t is not None else 1
     on_w = meta_w[0][:, :, None] if meta_w is not None else 1
     # fp32 accumulation from the same 16-bit inputs: only the final rounding differs (n_taps 1)
-    assert_close(gt * on_t, wd[0].grad * on_t, dtype, 1, "dW tall")
-    assert_close(gw * on_w, wd[1].grad * on_w, dtype, 1, "dW wide")
+    for g, w, on, what in zip((gt, gw), wd, (on_t, on_w), ("dW tall", "dW wide")):
+        assert_close(g * on, w.grad * on, dtype, 1, what)
+        assert torch.equal(g * (1 - on), torch.zeros_like(g)), f"{what}: inactive lines must get exactly zero"
+        if max_rel_l2 is not None:
+            assert rel_l2(g * on, w.grad * on) <= max_rel_l2, f"{what}: relative L2 error {rel_l2(g * on, w.grad * on):.2e}"
     assert_close(gb, bd.grad, dtype, 1, "db")
-    assert torch.equal(gt * (1 - on_t), torch.zeros_like(gt)) and torch.equal(gw * (1 - on_w), torch.zeros_like(gw))
+    if max_rel_l2 is not None:
+        assert rel_l2(gb, bd.grad) <= max_rel_l2, f"db: relative L2 error {rel_l2(gb, bd.grad):.2e}"
 
 
 @pytest.mark.parametrize("N, cfg, dtype", [
-    # tiled kernel (fp32): NB images per program
+    # tiled kernel (fp32, on the tiled path): NB images per program
     (3, dict(BH=16, BW=16, CK=16, NB=2), torch.float32),   # N not a multiple of NB: a missing image
     (5, dict(BH=16, BW=32, CK=32, NB=4), torch.float32),
     (2, dict(BH=32, BW=16, CK=16, NB=2), torch.float32),
@@ -512,7 +517,7 @@ def test_several_images_per_program(N, cfg, dtype, flip, sparse):
     b = None if flip else torch.randn(C, device=DEV).to(dtype)
     y = torch.full_like(x, float("nan"))
     kernel = "lk_conv2d_plane_fwd_kernel" if "IMG" in cfg else "lk_conv2d_fwd_kernel"
-    with TritonRan(kernel):
+    with kernel_path("auto" if "IMG" in cfg else "tiled"), TritonRan(kernel):
         op_mod.launch_lk_conv2d_fwd(x, wt, ww, b, y, flip=flip, sparse_t=meta_t, sparse_w=meta_w,
                                     config=dict(cfg, num_warps=4, num_stages=1))
     if flip:
@@ -588,6 +593,74 @@ def test_plane_dw_bias_gradient_once(H, W, LG, centre_on):
     assert bool(meta_t[0][:, 2].all()) == centre_on
     wt, ww = op_mod.fold_branches(ws, ms)
     check_plane_dw(x, wt, ww, meta_t, meta_w, NB=1, LG=LG)
+
+
+def rel_l2(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+#: Relative L2 error allowed to the fp32 bf16x6 split (exact products, fp32 sums; ~1e-7 here): a missing cross
+#: product (2**-18 relative) would cost ~4e-6.
+SPLIT_REL_L2 = 1e-6
+
+
+@pytest.mark.parametrize("H, W, tall_only, passes", [
+    (12, 10, False, 1),   # 16-padded: the three weight splits' Toeplitz operands in one launch
+    (20, 30, False, 1),   # 32-padded (SLaK stage 2)
+    (40, 10, True, 2),    # 64 x 16, tall slot only: two splits fit, then one (64-padded: FP32_SPLIT_MAX raised)
+    (20, 36, False, 3),   # 32 x 64: one split per launch, the later launches add to y
+])
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fp32_split_matches_float64(H, W, tall_only, passes, flip, sparse, monkeypatch):
+    """fp32 on the plane kernels (precision bf16x6): x and w as three bf16 parts each, the six products that
+    matter over one to three launches (bias added once): float64 accuracy up to fp32 sums, forward, input
+    gradient and weight gradient, dense and sparse. Larger planes split only when FP32_SPLIT_MAX (forward) and
+    FP32_SPLIT_DW_MAX allow (by default they stay tiled: their split kernels spill)."""
+    assert op_mod.fp32_precision() == "bf16x6"
+    assert op_mod.use_fp32_split(H, W, torch.float32) == (max(H, W) <= 32)
+    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True) == (max(H, W) <= 16)
+    monkeypatch.setattr(op_mod, "FP32_SPLIT_MAX", 64)
+    monkeypatch.setattr(op_mod, "FP32_SPLIT_DW_MAX", 64)
+    torch.manual_seed(H * 10 + W + passes)
+    N, C, dtype = 3, 2, torch.float32
+    x = torch.randn(N, C, H, W, device=DEV)
+    ws = [torch.randn(C, 1, 31, 5, device=DEV) / 12] + \
+        ([] if tall_only else [torch.randn(C, 1, 5, 29, device=DEV) / 12, torch.randn(C, 1, 5, 5, device=DEV) / 5])
+    ms = [rand_mask(w, "block", 0.5) for w in ws] if sparse else [None] * len(ws)
+    meta_t, meta_w = op_mod.slot_metadata(ws, ms)
+    wt, ww = op_mod.fold_branches(ws, ms)
+    assert len(op_mod.fp32_split_passes(H, W, 5, 0 if tall_only else 5)) == passes
+    b = None if flip else torch.randn(C, device=DEV)
+    y = torch.full_like(x, float("nan"))
+    before = LAUNCH_COUNTS["lk_conv2d_plane_fwd_kernel"]
+    op_mod.launch_lk_conv2d_fwd(x, wt, ww, b, y, flip=flip, sparse_t=meta_t, sparse_w=meta_w)
+    assert LAUNCH_COUNTS["lk_conv2d_plane_fwd_kernel"] - before == passes
+    rws = [w.flip(2, 3) for w in ws] if flip else ws
+    rms = [m.flip(2, 3) if m is not None else None for m in ms] if flip else ms
+    ref = reference64(x, rws, b, rms)
+    assert_close(y, ref, dtype, 31 * 5 * 2, "y")
+    assert rel_l2(y, ref) <= SPLIT_REL_L2, f"y: relative L2 error {rel_l2(y, ref):.2e}"
+    if not flip:
+        check_plane_dw(x, wt, ww, meta_t, meta_w, NB=2, LG=2, max_rel_l2=SPLIT_REL_L2)
+
+
+def test_fp32_precision_picks_the_path(monkeypatch):
+    """SLAK_TRITON_FP32_PRECISION: bf16x6 (default) runs fp32 on the plane kernels as bf16 splits where planes
+    allow, any other precision on the tiled kernels; an unknown value names the variable and the choices."""
+    x = torch.randn(2, 2, 9, 7, device=DEV)
+    ws = [torch.randn(2, 1, 7, 3, device=DEV) / 5, torch.randn(2, 1, 3, 7, device=DEV) / 5]
+    ref = reference64(x, ws, None, None)
+    with TritonRan("lk_conv2d_plane_fwd_kernel"):
+        y = lk_conv2d(x, ws, backend="triton")
+    assert rel_l2(y, ref) <= SPLIT_REL_L2
+    monkeypatch.setenv("SLAK_TRITON_FP32_PRECISION", "ieee")
+    with TritonRan("lk_conv2d_fwd_kernel"):
+        y = lk_conv2d(x, ws, backend="triton")
+    assert_close(y, ref, torch.float32, 21 + 21, "y (ieee, tiled)")
+    monkeypatch.setenv("SLAK_TRITON_FP32_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="SLAK_TRITON_FP32_PRECISION.*bf16x6.*'bf16'"):
+        lk_conv2d(x, ws, backend="triton")
 
 
 @pytest.mark.parametrize("how", ["inplace", "data"])

@@ -40,7 +40,7 @@ _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 _TL = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: Triton element type of the tensor behind each pointer role ("data": x's dtype).
 _ROLE_TYPE = {"t_act": "i32", "w_act": "i32", "t_items": "i32", "t_count": "i32", "w_items": "i32",
-              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32"}
+              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32", "wt_split": "bf16", "ww_split": "bf16"}
 
 #: Slot patterns the op produces: (name, (KH_T, KW_T), (KH_W, KW_W)); (0, 0) = slot absent.
 SLOT_PATTERNS = [
@@ -49,9 +49,10 @@ SLOT_PATTERNS = [
     ("square", (7, 7), (0, 0)),     # one square branch (e.g. a converted ConvNeXt dwconv)
     ("wide_only", (0, 0), (3, 31)),
 ]
-#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1) and a 16-padded one (stage 4), and the
-#: tiled kernels on a plane larger than ``PLANE_MAX``.
-PLANES = [(56, 56), (7, 7), (96, 96)]
+#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2; fp32 only:
+#: the largest planes its bf16 splits run on) and a 16-padded one (stage 4), and the tiled kernels on a plane
+#: larger than ``PLANE_MAX``.
+PLANES = [(56, 56), (28, 28), (7, 7), (96, 96)]
 
 
 @dataclasses.dataclass
@@ -93,11 +94,16 @@ def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True) -> LaunchSp
                            items_strides=(tall[1] if tall else 0, wide[0] if wide else 0))
 
 
-def launch_args(spec: LaunchSpec, dtype: str, config: dict) -> Dict[str, object]:
-    """Every kernel argument of ``spec`` with ``config``: pointers as 'ptr:<triton type>' (16-byte aligned)."""
+def launch_args(spec: LaunchSpec, dtype: str, config: dict, extra: Optional[dict] = None) -> Dict[str, object]:
+    """Every kernel argument of ``spec`` with ``config`` (and one of its ``passes``' overrides): pointers as
+    'ptr:<triton type>' (16-byte aligned)."""
     ptrs = {n: "ptr:" + _ROLE_TYPE.get(role, _TL[dtype]) for n, role in spec.pointers.items()}
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-    return dict(ptrs, **spec.args, **meta)
+    return dict(ptrs, **spec.args, **(extra or {}), **meta)
+
+
+def _pass_label(extra: dict) -> str:
+    return "" if not extra else " split" + "".join(f"{v}" for v in extra.values())
 
 
 def _config_dict(c) -> dict:
@@ -142,15 +148,18 @@ def specializations() -> List[Spec]:
             for H, W in PLANES:
                 if name != "slak51" and (H, W) == (96, 96) and dtype != "float32":
                     continue   # the tiled kernels' slot patterns are covered by slak51 and fp32
+                if (H, W) == (28, 28) and dtype != "float32":
+                    continue
                 for kind in ("fwd", "dx", "dw"):
                     for sparse in (False, True):
                         ls = spec_for(kind, 2, 3, H, W, tall, wide, dtype, sparse)
                         cfg = dict(ls.default)
-                        label = f"{ls.name} {dtype} {name} {H}x{W} {kind}{'-sparse' if sparse else ''} " + \
-                            ",".join(f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
-                            f",w{cfg['num_warps']}"
-                        specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg), cfg["num_warps"],
-                                          cfg["num_stages"]))
+                        for extra in ls.passes:
+                            label = f"{ls.name} {dtype} {name} {H}x{W} {kind}{'-sparse' if sparse else ''} " + \
+                                ",".join(f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
+                                f",w{cfg['num_warps']}" + _pass_label(extra)
+                            specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg, extra), cfg["num_warps"],
+                                              cfg["num_stages"]))
     return specs
 
 
@@ -165,11 +174,12 @@ def autotune_specializations() -> List[Spec]:
                 ls = spec_for(kind, 64, C, H, H, (K, 5), (5, K), dtype, False)
                 for c in ls.configs:
                     cfg = _config_dict(c)
-                    label = f"{ls.name} {dtype} {H}x{H} {kind} autotune " + ",".join(
-                        f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
-                        f",w{cfg['num_warps']}"
-                    specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg), cfg["num_warps"],
-                                      cfg["num_stages"]))
+                    for extra in ls.passes:
+                        label = f"{ls.name} {dtype} {H}x{H} {kind} autotune " + ",".join(
+                            f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
+                            f",w{cfg['num_warps']}" + _pass_label(extra)
+                        specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg, extra), cfg["num_warps"],
+                                          cfg["num_stages"]))
     return specs
 
 
@@ -224,8 +234,9 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     slak_triton.ops.compile_check:launch_plans`` reads them. kind: 'fwd' (with bias), 'dx' (input gradient) or
     'dw' (weight and bias gradients); density < 1: a line-sparse call in which that fraction of each slot's lines
     is active (expected trip counts). Each candidate lists the op's launches: one kernel (the per-call line
-    metadata are a few tensor ops on [C, K, 5] masks, and dW's fixed-order sum of its S x C x 2 x 5K fp32 partials
-    reads under 1 MB: both left out)."""
+    metadata are a few tensor ops on [C, K, 5] masks, dW's fixed-order sum of its S x C x 2 x 5K fp32 partials
+    reads under 1 MB, and the fp32 forward's bf16 splits of the weights are 3 x 2 x C x 5K elements: all left
+    out); the fp32 split forward on 64-padded planes (when FP32_SPLIT_MAX allows it) lists one launch per pass."""
     eb = 4 if dtype == "float32" else 2
     ls = spec_for(kind, N, C, H, W, (K, 5), (5, K), dtype, density < 1)
     lines_t = lines_w = 5
@@ -240,13 +251,15 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     plans = []
     for c in ls.configs:
         cfg = _config_dict(c)
-        launch = {"kernel": ls.kernel, "args": launch_args(ls, dtype, cfg), "num_warps": cfg["num_warps"],
-                  "num_stages": cfg["num_stages"], "trips": _trips(ls, cfg, N, H, W, density, K),
-                  "programs": math.prod(ls.grid(cfg)),
-                  # compulsory DRAM traffic: x read and y written once (dW: x and dy read)
-                  "dram_bytes": 2 * N * C * H * W * eb}
+        # compulsory DRAM traffic: x read and y written once (dW: x and dy read); a later fp32 split pass also
+        # reads the y it adds to
+        launches = [{"kernel": ls.kernel, "args": launch_args(ls, dtype, cfg, extra), "num_warps": cfg["num_warps"],
+                     "num_stages": cfg["num_stages"], "trips": _trips(ls, cfg, N, H, W, density, K),
+                     "programs": math.prod(ls.grid(cfg)),
+                     "dram_bytes": (3 if extra.get("SPLIT_LO", 0) else 2) * N * C * H * W * eb}
+                    for extra in ls.passes]
         plans.append({"config": {k: v for k, v in cfg.items() if k not in lk_derived_keys(ls)},
-                      "launches": [launch], "torch_bytes": 0, "pixels": N * C * H * W})
+                      "launches": launches, "torch_bytes": 0, "pixels": N * C * H * W})
     return plans
 
 

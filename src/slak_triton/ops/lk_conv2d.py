@@ -64,7 +64,7 @@ __all__ = [
 BACKENDS = ("auto", "triton", "reference")
 MAX_KERNEL_SIZE = 63
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+FP32_PRECISIONS = ("bf16x6", "tf32x3", "ieee", "tf32")
 
 #: Kernel launches, counted on every Triton launch (compiled or interpreted), per kernel name and per op stage:
 #: "fwd" (a forward or input-gradient kernel) and "dw" (a weight-gradient kernel). Tests read it to prove that the
@@ -143,12 +143,22 @@ def _autotune_enabled() -> bool:
 
 
 def fp32_precision() -> str:
-    """How fp32 operands use tensor cores: ``SLAK_TRITON_FP32_PRECISION`` = tf32x3 (default: three TF32 products,
-    about fp32 accuracy), ieee (FMA units, exact fp32), tf32 (fastest, ~1e-3 relative error)."""
-    p = os.environ.get("SLAK_TRITON_FP32_PRECISION", "tf32x3")
+    """How fp32 operands use tensor cores: ``SLAK_TRITON_FP32_PRECISION`` = bf16x6 (default: on the plane kernels,
+    planes padded to at most ``FP32_SPLIT_MAX``, both operands split into three bf16 parts each and the six
+    products that matter summed in fp32, exact products up to 2**-26 relative; elsewhere as tf32x3), tf32x3 (three
+    TF32 products, about fp32 accuracy; always on the tiled kernels), ieee (FMA units, exact fp32; tiled), tf32
+    (fastest, ~1e-3 relative error; tiled)."""
+    p = os.environ.get("SLAK_TRITON_FP32_PRECISION", "bf16x6")
     if p not in FP32_PRECISIONS:
         raise ValueError(f"SLAK_TRITON_FP32_PRECISION: expected one of {FP32_PRECISIONS}, got {p!r}")
     return p
+
+
+def _dot_precision() -> str:
+    """``input_precision`` of the kernels' fp32 tl.dots: under bf16x6 the split plane kernels' dots are bf16 (the
+    value is unused there) and the tiled kernels take three TF32 products."""
+    p = fp32_precision()
+    return "tf32x3" if p == "bf16x6" else p
 
 
 def block_shape(kh: int, kw: int) -> Tuple[int, int]:
@@ -328,13 +338,51 @@ PLANE_TOEPLITZ_BYTES = 96 * 1024
 
 
 def use_plane_kernels(H: int, W: int, lines_t: int, lines_w: int, elem_bytes: int) -> bool:
-    """Whether a call runs on the plane kernels: planes up to ``PLANE_MAX`` x ``PLANE_MAX``, 16-bit data (fp32
-    stays on the tiled kernels: its Toeplitz operands would not fit next to tf32x3's operand splits), and the
-    channel's Toeplitz operands (``lines_t`` tall and ``lines_w`` wide lines) within ``PLANE_TOEPLITZ_BYTES``."""
+    """Whether a call runs on the plane kernels: planes up to ``PLANE_MAX`` x ``PLANE_MAX``, 16-bit operands (fp32
+    data count as bf16 splits, ``elem_bytes`` 2), and the channel's Toeplitz operands (``lines_t`` tall and
+    ``lines_w`` wide lines) within ``PLANE_TOEPLITZ_BYTES``."""
     if max(H, W) > PLANE_MAX or elem_bytes > 2:
         return False
     bh, bw = plane_pad(H), plane_pad(W)
     return (lines_t * bh * bh + lines_w * bw * bw) * elem_bytes <= PLANE_TOEPLITZ_BYTES
+
+
+#: bf16 parts of an fp32 value in the split kernels: three hold its 24-bit significand exactly.
+FP32_SPLITS = 3
+#: fp32 runs split on the plane kernels for planes up to this padded size (forward and input gradient; weight
+#: gradient: ``FP32_SPLIT_DW_MAX``): on larger planes the split kernels spill under triton 3.6 to 3.8 (255
+#: registers at 64-padded forward planes, 32-padded weight-gradient planes; bench/NOTES.md), so those stay tiled.
+FP32_SPLIT_MAX = 32
+FP32_SPLIT_DW_MAX = 16
+
+
+def use_fp32_split(H: int, W: int, dtype, weight_grad: bool = False) -> bool:
+    """Whether an fp32 call runs on the plane kernels as bf16 splits (precision bf16x6, planes padded to at most
+    ``FP32_SPLIT_MAX``, or ``FP32_SPLIT_DW_MAX`` for the weight gradient); every other fp32 call takes the tiled
+    kernels with ``fp32_precision()``'s dots."""
+    limit = min(FP32_SPLIT_DW_MAX if weight_grad else FP32_SPLIT_MAX, PLANE_MAX)
+    return dtype == torch.float32 and fp32_precision() == "bf16x6" and max(plane_pad(H), plane_pad(W)) <= limit
+
+
+def fp32_split_passes(H: int, W: int, lines_t: int, lines_w: int) -> Tuple[Tuple[int, int], ...]:
+    """The launches of an fp32 forward on the plane kernels (precision bf16x6): (SPLIT_LO, SPLIT_HI) weight splits
+    per launch, as many per launch as their Toeplitz operands fit in ``PLANE_TOEPLITZ_BYTES`` (one set each at
+    64-padded planes: three launches, the later ones adding to y; all three at once on smaller planes)."""
+    bh, bw = plane_pad(H), plane_pad(W)
+    per_set = (lines_t * bh * bh + lines_w * bw * bw) * 2
+    k = max(1, min(FP32_SPLITS, PLANE_TOEPLITZ_BYTES // per_set))
+    return tuple((lo, min(lo + k, FP32_SPLITS)) for lo in range(0, FP32_SPLITS, k))
+
+
+def bf16_splits(w: torch.Tensor) -> torch.Tensor:
+    """[FP32_SPLITS, *w.shape] bf16 parts of fp32 ``w`` (contiguous): part s is the bf16 rounding of what parts
+    0..s-1 leave, so the parts sum to w exactly (the kernel splits x the same way in registers)."""
+    parts, r = [], w
+    for _ in range(FP32_SPLITS):
+        p = r.to(torch.bfloat16)
+        parts.append(p)
+        r = r - p.float()
+    return torch.stack(parts)
 
 
 def _plane_align(W: int, elem_bytes: int, *strides: Sequence[int]) -> int:
@@ -392,7 +440,8 @@ class LaunchSpec:
     argument (sizes, strides, constexprs); pointers: {argument: role}, the role naming the tensor the launcher
     passes ("x", "y", "dy", "wt", "ww", "bias", "t_act", ... or "dummy" for an operand that is never read);
     configs: the autotune candidates (triton.Config); default: the config used without autotuning;
-    grid: meta -> grid tuple; kind: "fwd" (forward or input gradient) or "dw"."""
+    grid: meta -> grid tuple; kind: "fwd" (forward or input gradient) or "dw"; passes: the launches of one call,
+    in order, each as its arguments' overrides of ``args`` (several for the fp32 split forward)."""
     name: str
     kind: str
     kernel: object
@@ -402,6 +451,7 @@ class LaunchSpec:
     configs: list
     default: dict
     grid: object
+    passes: tuple = ({},)
 
 
 def _elem_bytes(dtype) -> int:
@@ -424,17 +474,26 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
         KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, SPARSE_T=sparse_t, SPARSE_W=sparse_w,
         HAS_BIAS=has_bias, FLIP=flip,
         WIDE_IDX=_wide_idx((H, W), x_strides) or _wide_idx((H, W), y_strides),
-        DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter and dtype == torch.bfloat16,
+        DOT_PREC=_dot_precision(), DOT_UPCAST=interpreter and dtype == torch.bfloat16,
     )
     pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
-    if use_plane_kernels(H, W, KW_T, KH_W, eb):
+    # fp32 on the plane kernels: bf16 parts of x (split in the kernel) and of the weights (``bf16_splits``)
+    split = use_fp32_split(H, W, dtype)
+    if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
         args.update(ALIGN=_plane_align(W, eb, x_strides, y_strides), BH=plane_pad(H), BW=plane_pad(W),
                     WIDE_IDX=_plane_wide_idx((H, W), x_strides, y_strides))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
+        passes = ({},)
+        if split:
+            # the splits are contiguous [3, C, KH, KW]: weight split s of channel c is channel s * C + c
+            args.update(swt_c=KH_T * KW_T, swt_h=KW_T, swt_w=1, sww_c=KH_W * KW_W, sww_h=KW_W, sww_w=1,
+                        DOT_UPCAST=interpreter)
+            pointers.update(wt_ptr="wt_split" if wt_shape else "dummy", ww_ptr="ww_split" if ww_shape else "dummy")
+            passes = tuple(dict(SPLIT_LO=lo, SPLIT_HI=hi) for lo, hi in fp32_split_passes(H, W, KW_T, KH_W))
         return LaunchSpec("lk_conv2d_plane_fwd_kernel", "fwd", lk_conv2d_plane_fwd_kernel, _plane_fwd_autotuned, args,
                           pointers, lk_conv2d_plane_configs(), lk_conv2d_plane_default_config(H, W, eb),
-                          lambda meta: (C * triton.cdiv(N, meta["IMG"]),))
+                          lambda meta: (C * triton.cdiv(N, meta["IMG"]),), passes)
     # tiled kernel: one block per line (its item lists), TB = the slot's long axis
     args.update(st_items=items_strides[0], sw_items=items_strides[1],
                 TB_T=KH_T if sparse_t else 1, TB_W=KW_W if sparse_w else 1)
@@ -459,18 +518,21 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
         sdn=dy_strides[0], sdc=dy_strides[1], sdh=dy_strides[2], sdw=dy_strides[3],
         KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, SPARSE_T=sparse_t, SPARSE_W=sparse_w, HAS_BIAS=need_bias,
         WIDE_IDX=_wide_idx((H, W), x_strides) or _wide_idx((H, W), dy_strides),
-        DOT_PREC=fp32_precision(), DOT_UPCAST=interpreter and dtype == torch.bfloat16,
+        DOT_PREC=_dot_precision(), DOT_UPCAST=interpreter and dtype == torch.bfloat16,
     )
     pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
                     db_ptr="db" if need_bias else "dummy")
-    if use_plane_kernels(H, W, KW_T, KH_W, eb):
+    # fp32 on the plane kernels: x and dy split into bf16 parts in the kernel (as in the forward)
+    split = use_fp32_split(H, W, dtype, weight_grad=True)
+    if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
         args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
                     ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
                     BW=plane_pad(W), H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W),
                     PACK_T=plane_dw_pack(W), PACK_W=plane_dw_pack(H), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
-                    KPW=triton.next_power_of_2(KW_W) if KW_W else 1)
+                    KPW=triton.next_power_of_2(KW_W) if KW_W else 1, SPLIT=split,
+                    DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
                           pointers, lk_conv2d_plane_dw_configs(), lk_conv2d_plane_dw_default_config(H, W, eb),
@@ -495,13 +557,15 @@ def _run(spec: LaunchSpec, tensors: dict, config: Optional[dict]) -> None:
     """Launches ``spec`` with its pointer arguments taken from ``tensors`` by role (autotuned unless a config is
     given or autotuning is off)."""
     ptrs = {name: tensors[role] for name, role in spec.pointers.items()}
-    if config is None and _autotune_enabled():
-        wrap_triton(spec.tuned)[spec.grid](**ptrs, **spec.args)
-    else:
-        cfg = dict(config) if config is not None else dict(spec.default)
-        wrap_triton(spec.kernel)[spec.grid(cfg)](**ptrs, **spec.args, **cfg)
-    LAUNCH_COUNTS[spec.name] += 1
-    LAUNCH_COUNTS[spec.kind] += 1
+    for extra in spec.passes:
+        args = dict(spec.args, **extra)
+        if config is None and _autotune_enabled():
+            wrap_triton(spec.tuned)[spec.grid](**ptrs, **args)
+        else:
+            cfg = dict(config) if config is not None else dict(spec.default)
+            wrap_triton(spec.kernel)[spec.grid(cfg)](**ptrs, **args, **cfg)
+        LAUNCH_COUNTS[spec.name] += 1
+        LAUNCH_COUNTS[spec.kind] += 1
 
 
 _fwd_autotuned = triton.autotune(
@@ -511,7 +575,9 @@ _fwd_autotuned = triton.autotune(
 
 _plane_fwd_autotuned = triton.autotune(
     configs=lk_conv2d_plane_configs(),
-    key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP", "ALIGN"],
+    key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP", "ALIGN",
+         "SPLIT_LO", "SPLIT_HI"],
+    restore_value=["y_ptr"],   # the later fp32 split launches add to y: each timed run starts from the same y
 )(lk_conv2d_plane_fwd_kernel)
 
 _plane_dw_autotuned = triton.autotune(
@@ -571,6 +637,10 @@ def launch_lk_conv2d_fwd(
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
         interpreter=interpreter_active())
     tensors = dict(x=x, y=out, wt=wt, ww=ww, bias=bias, dummy=x)
+    if "wt_split" in spec.pointers.values():
+        tensors["wt_split"] = bf16_splits(wt)
+    if "ww_split" in spec.pointers.values():
+        tensors["ww_split"] = bf16_splits(ww)
     for tag, meta in (("t", sparse_t), ("w", sparse_w)):
         if meta is not None:
             tensors.update({f"{tag}_act": meta[0], f"{tag}_items": meta[1], f"{tag}_count": meta[2]})
