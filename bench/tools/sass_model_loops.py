@@ -8,6 +8,11 @@ finder, needed by the v3 plane kernels (bench/NOTES.md, "Model"):
    (its instructions never counted). In a kernel without mbarrier waits (no ``SYNCS`` instruction) the end of
    the body is the final ``BRA`` to itself.
 
+3. It names a loop after the nearest line, walking back from its back edge, that holds a ``for`` statement,
+   ``tl.static_range`` loops included; those are unrolled and never close a SASS loop, but an unrolled body
+   that ends in one (the fp32 split forward's nested static loops) would lend its name to the image loop around
+   it. Here static loops are left out of that map (runtime loops keep the tool's names and numbering).
+
 Usage: the tool's own command line, e.g. (from the checkout, in the triton 3.6 venv)
     python bench/tools/sass_model_loops.py predict --plan slak_triton.ops.compile_check:launch_plans \
         --plan-path . --kinds fwd,dx,dw --stages 1,2,3,4 --dtypes bfloat16 --density 1.0,0.6,0.3
@@ -39,6 +44,25 @@ def parse_sass(text):
 
 
 sass_model.parse_sass = parse_sass
+
+_for_loops = sass_model.for_loops
+
+
+def _static_lines(src_file):
+    """Lines of the ``for ... in tl.static_range(...)`` statements of a source file."""
+    import ast
+    return {n.lineno for n in ast.walk(ast.parse(open(src_file).read()))
+            if isinstance(n, ast.For) and isinstance(n.iter, ast.Call)
+            and getattr(n.iter.func, "attr", getattr(n.iter.func, "id", "")) == "static_range"}
+
+
+def for_loops(src_file):
+    """The tool's {line: loop name} without the unrolled (``tl.static_range``) loops."""
+    drop = _static_lines(src_file)
+    return {line: name for line, name in _for_loops(src_file).items() if line not in drop}
+
+
+sass_model.for_loops = for_loops
 
 if __name__ == "__main__":
     sass_model.main()
