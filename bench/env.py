@@ -19,6 +19,7 @@ import triton
 import triton.testing
 
 import slak_triton
+from slak_triton.ops import fp32_precision
 
 __all__ = [
     "Peaks",
@@ -111,7 +112,7 @@ def run_metadata() -> Dict[str, object]:
         "cuda": torch.version.cuda if gpu else None,
         "triton_interpreter": slak_triton.interpreter_active(),
         "autotune": os.environ.get("SLAK_TRITON_AUTOTUNE", "1") != "0" and gpu,
-        "fp32_precision": os.environ.get("SLAK_TRITON_FP32_PRECISION", "tf32x3"),
+        "fp32_precision": fp32_precision(),
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if gpu else None,
         "cpu_threads": None if gpu else CPU_THREADS,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
