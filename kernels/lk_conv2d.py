@@ -471,12 +471,33 @@ def _a_operands(v, NP: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split_dots_bt(a_parts, b_parts, acc, NP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc + sum over a + b < NP of a_parts[a] @ b_parts[b]^T (NP parts each): one product without splits, the six
-    that matter of three-part splits."""
+def _split_dots(a_parts, b_parts, acc, NP: tl.constexpr, B_T: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + sum over a + b < NP of a_parts[a] @ b_parts[b] (b_parts[b]^T when B_T; NP parts each): one product
+    without splits, the six that matter of three-part splits."""
     for a in tl.static_range(NP):
         for b in tl.static_range(NP - a):
-            acc = tl.dot(a_parts[a], tl.trans(b_parts[b]), acc, input_precision=DOT_PREC)
+            if B_T:
+                acc = tl.dot(a_parts[a], tl.trans(b_parts[b]), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(a_parts[a], b_parts[b], acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _line_dots(acc, xps, mats, LINE: tl.constexpr, LINES: tl.constexpr, NS: tl.constexpr, XS: tl.constexpr,
+               X_LEFT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + one line's products in the plane forward: its x parts ``xps`` (``_operand_parts``) times its Toeplitz
+    operand of each of the launch's NS weight splits (``mats[s * LINES + LINE]``), split s with the parts a < XS - s;
+    xps[a] @ M when X_LEFT, else M @ xps[a]. UPCAST: M as fp32 (interpreter)."""
+    for s in tl.static_range(NS):
+        m = mats[s * LINES + LINE]
+        if UPCAST:
+            m = m.to(tl.float32)
+        for a in tl.static_range(XS - s):
+            if X_LEFT:
+                acc = tl.dot(xps[a], m, acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(m, xps[a], acc, input_precision=DOT_PREC)
     return acc
 
 
@@ -623,16 +644,8 @@ def lk_conv2d_plane_fwd_kernel(
                     cols = cw + (j - KW_T // 2)
                     xt = tl.load(x_g + off_t + (j - KW_T // 2) * sxw,
                                  mask=row_in[:, None] & ((cols >= 0) & (cols < W) & img_c)[None, :], other=0.0)
-                xps = _operand_parts(xt, XS, SPLIT, DOT_UPCAST)
-                for s in tl.static_range(NS):
-                    t = ts[s * KW_T + j]
-                    if DOT_UPCAST:
-                        t = t.to(tl.float32)
-                    for a in tl.static_range(XS - s):
-                        if TALL_T:
-                            acc_t = tl.dot(xps[a], t, acc_t, input_precision=DOT_PREC)
-                        else:
-                            acc_t = tl.dot(t, xps[a], acc_t, input_precision=DOT_PREC)
+                acc_t = _line_dots(acc_t, _operand_parts(xt, XS, SPLIT, DOT_UPCAST), ts, j, KW_T, NS, XS,
+                                   TALL_T, DOT_UPCAST, DOT_PREC)
         if SPARSE_T:
             acc_t = _mma_anchor(acc_t, OP_DT)
         for i in tl.static_range(KH_W):
@@ -640,13 +653,8 @@ def lk_conv2d_plane_fwd_kernel(
                 rows = rh + (i - KH_W // 2)
                 xw = tl.load(x_g + off_w + (i - KH_W // 2) * sxh,
                              mask=((rows >= 0) & (rows < H) & img_r)[:, None] & (ar_w < W)[None, :], other=0.0)
-                xps = _operand_parts(xw, XS, SPLIT, DOT_UPCAST)
-                for s in tl.static_range(NS):
-                    u = us[s * KH_W + i]
-                    if DOT_UPCAST:
-                        u = u.to(tl.float32)
-                    for a in tl.static_range(XS - s):
-                        acc_w = tl.dot(xps[a], u, acc_w, input_precision=DOT_PREC)
+                acc_w = _line_dots(acc_w, _operand_parts(xw, XS, SPLIT, DOT_UPCAST), us, i, KH_W, NS, XS,
+                                   True, DOT_UPCAST, DOT_PREC)
         if SPARSE_W:
             acc_w = _mma_anchor(acc_w, OP_DT)
         if TALL_T:   # everything in the wide layout [NB*BH, BW]
@@ -760,7 +768,7 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
             if SPARSE:
                 if live[l]:   # (a runtime branch: the line loads its own x)
                     xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, s, ones, DOT_UPCAST, BH)
-                    p = _split_dots_bt(dys, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), p, NP, DOT_PREC)
+                    p = _split_dots(dys, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), p, NP, True, DOT_PREC)
             else:
                 if not (lag and l > 0):   # else the previous (even) line's x, at shift s - 1
                     # (a line sharing the centre line's x sees its ones row only in P's column BH - 1 >= H,
@@ -768,9 +776,9 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                     xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, xs, ones, DOT_UPCAST, BH)
                     xts = _operand_parts(xt, NP, SPLIT, DOT_UPCAST)
                 if lag:
-                    p = _split_dots_bt(dy_lag, xts, p, NP, DOT_PREC)
+                    p = _split_dots(dy_lag, xts, p, NP, True, DOT_PREC)
                 else:
-                    p = _split_dots_bt(dys, xts, p, NP, DOT_PREC)
+                    p = _split_dots(dys, xts, p, NP, True, DOT_PREC)
             new = new + (p,)
         accs = new
     kk = tl.arange(0, KP)
@@ -821,10 +829,7 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                     xw = xw.to(tl.float32)
                 if BIAS == 2 and I0 + l == KH // 2:
                     xw = tl.where(((rh < H) & img)[:, None] & (ar_w == BW - 1)[None, :], 1.0, xw)
-                xws = _operand_parts(xw, NP, SPLIT, DOT_UPCAST)
-                for a in tl.static_range(NP):
-                    for b in tl.static_range(NP - a):
-                        q = tl.dot(dyts[a], xws[b], q, input_precision=DOT_PREC)
+                q = _split_dots(dyts, _operand_parts(xw, NP, SPLIT, DOT_UPCAST), q, NP, False, DOT_PREC)
             new = new + (q,)
         accs = new
     kk = tl.arange(0, KP)
