@@ -528,7 +528,7 @@ def lk_conv2d_plane_fwd_kernel(
     wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0; SPLIT: [3, C, KH_T, KW_T] bf16)
     ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0; SPLIT: [3, C, KH_W, KW_W] bf16)
     b_ptr,        # [C] bias (HAS_BIAS only)
-    y_ptr,        # [N, C, H, W] output, any strides, fully overwritten (SPLIT_LO > 0: added to)
+    y_ptr,        # [N, C, H, W] output, any strides, fully overwritten (ADD_Y: added to)
     t_act_ptr,    # [C, KW_T] int32: 1 = tall line j of channel c has an active tap (SPARSE_T only)
     w_act_ptr,    # [C, KH_W] int32: 1 = wide line i active (SPARSE_W only)
     # ---- sizes ----
@@ -558,13 +558,18 @@ def lk_conv2d_plane_fwd_kernel(
     SPLIT_HI: tl.constexpr = 0,     # registers), wt / ww hold [3, C, KH, KW] bf16 splits w_0 + w_1 + w_2 of the
                                     # fp32 weights; this launch adds the products x_a w_s with a + s <= 2 for
                                     # SPLIT_LO <= s < SPLIT_HI (6 bf16 products: exact up to 2**-26 relative, fp32
-                                    # sums); SPLIT_LO > 0 adds to the y an earlier launch wrote (bias there)
+                                    # sums)
+    ADD_Y: tl.constexpr = False,    # y holds the sum of this call's earlier launches (fp32 splits on 64-padded
+                                    # planes: a few weight splits or one slot per launch): add to it (bias there)
 ):
     """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
     y = sum_j T_j @ X_j + sum_i X_i @ U_i (+ bias), the T_j / U_i built once per program (see above)."""
     SPLIT: tl.constexpr = SPLIT_HI > 0
     NS: tl.constexpr = SPLIT_HI - SPLIT_LO if SPLIT else 1    # weight splits (Toeplitz sets) of this launch
     XS: tl.constexpr = 3 - SPLIT_LO if SPLIT else 1           # x parts this launch multiplies
+    # One image per dot, tall slot untransposed: both slots' products are [BH, BW] in the same MMA layout, so they
+    # share one fp32 accumulator (on 64-padded planes a second one costs 32 registers per thread at 4 warps).
+    ONE_ACC: tl.constexpr = NB == 1 and not TALL_T
     c, _, n_start, n_stop = _plane_program(C, N, IMG)
     sxn, sxc, sxh = _aligned_strides(sxn, sxc, sxh, ALIGN)
     syn, syc, syh = _aligned_strides(syn, syc, syh, ALIGN)
@@ -603,7 +608,7 @@ def lk_conv2d_plane_fwd_kernel(
         rb = rb.to(tl.int64)
     x_c = x_ptr + c64 * sxc
     y_c = y_ptr + c64 * syc
-    BIAS: tl.constexpr = HAS_BIAS and SPLIT_LO == 0   # (the first of several split launches adds it)
+    BIAS: tl.constexpr = HAS_BIAS and not ADD_Y   # (the first of several launches adds it)
     if BIAS:
         bias = tl.load(b_ptr + c).to(tl.float32)
     row_in = ar_h < H
@@ -611,9 +616,14 @@ def lk_conv2d_plane_fwd_kernel(
     OP_DT: tl.constexpr = tl.float32 if DOT_UPCAST else (tl.bfloat16 if SPLIT else x_ptr.dtype.element_ty)
 
     # Offsets inside a group of NB images from its first image (int32 unless WIDE_IDX): loop-invariant.
-    off_t = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw      # tall layout [BH, NB*BW]
-    off_w = rb[:, None] * sxn + rh[:, None] * sxh + ar_w[None, :] * sxw      # wide layout [NB*BH, BW]
-    off_y = cb[None, :] * syn + ar_h[:, None] * syh + cw[None, :] * syw
+    if NB == 1:   # one tile for both layouts, no image terms (fewer loop-invariant tiles held in registers)
+        off_t = ar_h[:, None] * sxh + ar_w[None, :] * sxw
+        off_w = off_t
+        off_y = ar_h[:, None] * syh + ar_w[None, :] * syw
+    else:
+        off_t = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw      # tall layout [BH, NB*BW]
+        off_w = rb[:, None] * sxn + rh[:, None] * sxh + ar_w[None, :] * sxw      # wide layout [NB*BH, BW]
+        off_y = cb[None, :] * syn + ar_h[:, None] * syh + cw[None, :] * syw
     off_tt = off_t     # (unused unless TALL_T)
     off_yw = off_y
     if TALL_T:
@@ -628,9 +638,14 @@ def lk_conv2d_plane_fwd_kernel(
             acc_t = tl.zeros((NB * BW, BH), dtype=tl.float32)
         else:
             acc_t = tl.zeros((BH, NB * BW), dtype=tl.float32)
-        acc_w = tl.zeros((NB * BH, BW), dtype=tl.float32)
-        img_c = (n0 + cb) < n_stop
-        img_r = (n0 + rb) < n_stop
+        if not ONE_ACC:
+            acc_w = tl.zeros((NB * BH, BW), dtype=tl.float32)
+        if NB == 1:   # (the loop's own bound)
+            img_c = True
+            img_r = True
+        else:
+            img_c = (n0 + cb) < n_stop
+            img_r = (n0 + rb) < n_stop
         x_g = x_c + n0 * sxn      # the group's first image (n0 is int64)
         for j in tl.static_range(KW_T):
             # (the flags index the stored lines; FLIP reads stored line KW_T - 1 - j)
@@ -648,6 +663,8 @@ def lk_conv2d_plane_fwd_kernel(
                                    TALL_T, DOT_UPCAST, DOT_PREC)
         if SPARSE_T:
             acc_t = _mma_anchor(acc_t, OP_DT)
+        if ONE_ACC:   # the wide lines add to the tall lines' sum
+            acc_w = acc_t
         for i in tl.static_range(KH_W):
             if _line_on(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W):
                 rows = rh + (i - KH_W // 2)
@@ -662,18 +679,20 @@ def lk_conv2d_plane_fwd_kernel(
             if BIAS:
                 acc += bias
             out_ok = ((rh < H) & img_r)[:, None] & (ar_w < W)[None, :]
-            if SPLIT_LO > 0:
+            if ADD_Y:
                 acc += tl.load(y_c + n0 * syn + off_yw, mask=out_ok, other=0.0)
             tl.store(y_c + n0 * syn + off_yw, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
         else:
-            if NB == 1:
+            if ONE_ACC:
+                acc = acc_w
+            elif NB == 1:
                 acc = acc_t + acc_w
             else:   # the wide accumulator to the tall layout, once per NB images
                 acc = acc_t + tl.reshape(tl.permute(tl.reshape(acc_w, (NB, BH, BW)), (1, 0, 2)), (BH, NB * BW))
             if BIAS:
                 acc += bias
             out_ok = row_in[:, None] & ((cw < W) & img_c)[None, :]
-            if SPLIT_LO > 0:
+            if ADD_Y:
                 acc += tl.load(y_c + n0 * syn + off_y, mask=out_ok, other=0.0)
             tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 

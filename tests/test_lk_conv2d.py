@@ -607,19 +607,23 @@ SPLIT_REL_L2 = 1e-6
 @pytest.mark.parametrize("H, W, tall_only, passes", [
     (12, 10, False, 1),   # 16-padded: the three weight splits' Toeplitz operands in one launch
     (20, 30, False, 1),   # 32-padded (SLaK stage 2)
-    (40, 10, True, 2),    # 64 x 16, tall slot only: two splits fit, then one (64-padded: FP32_SPLIT_MAX raised)
-    (20, 36, False, 3),   # 32 x 64: one split per launch, the later launches add to y
-])
+    (40, 10, True, 2),    # 64 x 16, tall slot only: two splits, then one (64-padded: FP32_SPLIT_MAX raised)
+    (20, 36, False, 5),   # 32 x 64: a slot per launch, the tall one's splits in two launches, the wide one's in
+])                        # three; the later launches add to y
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_fp32_split_matches_float64(H, W, tall_only, passes, flip, sparse, monkeypatch):
     """fp32 on the plane kernels (precision bf16x6): x and w as three bf16 parts each, the six products that
-    matter over one to three launches (bias added once): float64 accuracy up to fp32 sums, forward, input
+    matter over one to five launches (bias added once): float64 accuracy up to fp32 sums, forward, input
     gradient and weight gradient, dense and sparse. Larger planes split only when FP32_SPLIT_MAX (forward) and
     FP32_SPLIT_DW_MAX allow (by default they stay tiled: their split kernels spill)."""
     assert op_mod.fp32_precision() == "bf16x6"
     assert op_mod.use_fp32_split(H, W, torch.float32) == (max(H, W) <= 32)
     assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True) == (max(H, W) <= 16)
+    # on Hopper the forward splits 64-padded planes too (a slot per launch), on sm_80 and off a GPU it does not
+    assert op_mod.use_fp32_split(H, W, torch.float32, arch=90) == (max(H, W) <= 64)
+    assert op_mod.use_fp32_split(H, W, torch.float32, arch=80) == (max(H, W) <= 32)
+    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True, arch=90) == (max(H, W) <= 16)
     monkeypatch.setattr(op_mod, "FP32_SPLIT_MAX", 64)
     monkeypatch.setattr(op_mod, "FP32_SPLIT_DW_MAX", 64)
     torch.manual_seed(H * 10 + W + passes)
@@ -771,10 +775,10 @@ def test_every_specialization_compiles_for_sm90_and_sm80():
         assert "FAIL" not in out, out
         assert p.returncode == 0, out
         if "--autotune-configs" in args:
-            assert out.count(" sm_90 ") == len(autotune_specializations())
-        else:
+            assert out.count(" sm_90 ") == len(autotune_specializations(90))
+        else:   # (the launches differ by arch)
             assert "SPILL" not in out, out
-            assert out.count("ok sm_") + out.count("minor sm_") == len(specializations())
+            assert out.count("ok sm_") + out.count("minor sm_") == len(specializations(int(args[1])))
 
 
 # ----------------------------------------------------------------------------------------------------------------

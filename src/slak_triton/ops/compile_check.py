@@ -77,9 +77,10 @@ def _nonzero(shape):
     return shape if shape is not None and shape[0] else None
 
 
-def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True) -> LaunchSpec:
+def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True, arch=90) -> LaunchSpec:
     """The launcher's description of one call on an NCHW-contiguous x: kind 'fwd' (with ``bias``), 'dx' (FLIP) or
-    'dw'; tall / wide: (KH, KW) or None; sparse: line metadata passed for both slots."""
+    'dw'; tall / wide: (KH, KW) or None; sparse: line metadata passed for both slots; on a GPU of compute
+    capability ``arch`` (90 or 80)."""
     st = _contiguous_strides(N, C, H, W)
     dt = _TORCH[dtype]
     tall, wide = _nonzero(tall), _nonzero(wide)
@@ -91,7 +92,7 @@ def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True) -> LaunchSp
     return fwd_launch_spec(N, C, H, W, dt, st, st, tall, _slot_strides(tall), wide, _slot_strides(wide),
                            has_bias=bias and kind == "fwd", flip=kind == "dx",
                            sparse_t=sparse and tall is not None, sparse_w=sparse and wide is not None,
-                           items_strides=(tall[1] if tall else 0, wide[0] if wide else 0))
+                           items_strides=(tall[1] if tall else 0, wide[0] if wide else 0), arch=arch)
 
 
 def launch_args(spec: LaunchSpec, dtype: str, config: dict, extra: Optional[dict] = None) -> Dict[str, object]:
@@ -99,11 +100,14 @@ def launch_args(spec: LaunchSpec, dtype: str, config: dict, extra: Optional[dict
     'ptr:<triton type>' (16-byte aligned)."""
     ptrs = {n: "ptr:" + _ROLE_TYPE.get(role, _TL[dtype]) for n, role in spec.pointers.items()}
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-    return dict(ptrs, **spec.args, **(extra or {}), **meta)
+    return {**ptrs, **spec.args, **(extra or {}), **meta}   # (the overrides replace spec.args' values)
 
 
 def _pass_label(extra: dict) -> str:
-    return "" if not extra else " split" + "".join(f"{v}" for v in extra.values())
+    if not extra:
+        return ""
+    slot = " tall" if extra.get("KW_W") == 0 else " wide" if extra.get("KW_T") == 0 else ""
+    return f"{slot} split{extra['SPLIT_LO']}{extra['SPLIT_HI']}"
 
 
 def _config_dict(c) -> dict:
@@ -138,10 +142,10 @@ def jit_signature(fn, vals):
     return sig, const, attrs
 
 
-def specializations() -> List[Spec]:
-    """Every launch the op makes with its default configs (used without autotuning): dtypes x slot patterns x
-    planes (plane and tiled kernels) x {forward, forward sparse, input gradient (dense, sparse), weight gradient
-    (dense, sparse)}. Each must compile without spills for sm_90 and sm_80."""
+def specializations(arch: int = 90) -> List[Spec]:
+    """Every launch the op makes on a GPU of compute capability ``arch`` with its default configs (used without
+    autotuning): dtypes x slot patterns x planes (plane and tiled kernels) x {forward, forward sparse, input
+    gradient (dense, sparse), weight gradient (dense, sparse)}. Each must compile without spills for that arch."""
     specs = []
     for dtype in ("float16", "bfloat16", "float32"):
         for name, tall, wide in SLOT_PATTERNS:
@@ -152,7 +156,7 @@ def specializations() -> List[Spec]:
                     continue
                 for kind in ("fwd", "dx", "dw"):
                     for sparse in (False, True):
-                        ls = spec_for(kind, 2, 3, H, W, tall, wide, dtype, sparse)
+                        ls = spec_for(kind, 2, 3, H, W, tall, wide, dtype, sparse, arch=arch)
                         cfg = dict(ls.default)
                         for extra in ls.passes:
                             label = f"{ls.name} {dtype} {name} {H}x{W} {kind}{'-sparse' if sparse else ''} " + \
@@ -163,7 +167,7 @@ def specializations() -> List[Spec]:
     return specs
 
 
-def autotune_specializations() -> List[Spec]:
+def autotune_specializations(arch: int = 90) -> List[Spec]:
     """Every autotune config of every kernel at SLaK-T stage 1 and stage 4 (batch 64, dense, forward and weight
     gradient), per dtype: the autotuner may launch any of them on a GPU, so each must compile (spills are
     reported, not fatal: the autotuner times them)."""
@@ -171,7 +175,7 @@ def autotune_specializations() -> List[Spec]:
     for dtype in ("float16", "bfloat16", "float32"):
         for H, K, C in ((56, 51, 124), (7, 13, 998)):
             for kind in ("fwd", "dw"):
-                ls = spec_for(kind, 64, C, H, H, (K, 5), (5, K), dtype, False)
+                ls = spec_for(kind, 64, C, H, H, (K, 5), (5, K), dtype, False, arch=arch)
                 for c in ls.configs:
                     cfg = _config_dict(c)
                     for extra in ls.passes:
@@ -252,11 +256,11 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     for c in ls.configs:
         cfg = _config_dict(c)
         # compulsory DRAM traffic: x read and y written once (dW: x and dy read); a later fp32 split pass also
-        # reads the y it adds to
+        # reads the y it adds to (ADD_Y)
         launches = [{"kernel": ls.kernel, "args": launch_args(ls, dtype, cfg, extra), "num_warps": cfg["num_warps"],
                      "num_stages": cfg["num_stages"], "trips": _trips(ls, cfg, N, H, W, density, K),
                      "programs": math.prod(ls.grid(cfg)),
-                     "dram_bytes": (3 if extra.get("SPLIT_LO", 0) else 2) * N * C * H * W * eb}
+                     "dram_bytes": (3 if extra.get("ADD_Y") else 2) * N * C * H * W * eb}
                     for extra in ls.passes]
         plans.append({"config": {k: v for k, v in cfg.items() if k not in lk_derived_keys(ls)},
                       "launches": launches, "torch_bytes": 0, "pixels": N * C * H * W})
@@ -313,10 +317,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("compile_check: unset TRITON_INTERPRET (kernels must be compiled, not interpreted)", file=sys.stderr)
         return 2
     bad = 0
-    for spec in (autotune_specializations() if args.autotune_configs else specializations()):
-        if args.filter not in spec.label:
-            continue
-        for arch in args.arch:
+    for arch in args.arch:   # (the launches differ by arch: fp32 splits on 64-padded planes on sm_90 only)
+        for spec in (autotune_specializations(arch) if args.autotune_configs else specializations(arch)):
+            if args.filter not in spec.label:
+                continue
             try:
                 r = compile_spec(spec, arch, sass=args.sass)
             except Exception as e:  # noqa: BLE001 - report every failing specialization, not just the first

@@ -354,24 +354,43 @@ FP32_SPLITS = 3
 #: registers at 64-padded forward planes, 32-padded weight-gradient planes; bench/NOTES.md), so those stay tiled.
 FP32_SPLIT_MAX = 32
 FP32_SPLIT_DW_MAX = 16
+#: The forward's limit on Hopper (sm_90): there 64-padded planes split too, one slot per launch
+#: (``fp32_split_passes``), which compiles spill-free for sm_90 but not for sm_80 (A100 keeps the tiled kernels).
+FP32_SPLIT_MAX_SM90 = 64
+#: Weight splits per launch of one slot where the fp32 split forward runs a slot per launch (64-padded planes):
+#: the tall slot's x parts are B operands (shared memory), the wide slot's A operands held in registers.
+FP32_SPLITS_PER_LAUNCH = {"tall": 2, "wide": 1}
 
 
-def use_fp32_split(H: int, W: int, dtype, weight_grad: bool = False) -> bool:
+def use_fp32_split(H: int, W: int, dtype, weight_grad: bool = False, arch: int = 0) -> bool:
     """Whether an fp32 call runs on the plane kernels as bf16 splits (precision bf16x6, planes padded to at most
-    ``FP32_SPLIT_MAX``, or ``FP32_SPLIT_DW_MAX`` for the weight gradient); every other fp32 call takes the tiled
+    ``FP32_SPLIT_MAX`` (``FP32_SPLIT_MAX_SM90`` on ``arch`` 90, the GPU's compute capability as 10 * major +
+    minor; 0 off a GPU), or ``FP32_SPLIT_DW_MAX`` for the weight gradient); every other fp32 call takes the tiled
     kernels with ``fp32_precision()``'s dots."""
-    limit = min(FP32_SPLIT_DW_MAX if weight_grad else FP32_SPLIT_MAX, PLANE_MAX)
+    fwd_limit = max(FP32_SPLIT_MAX, FP32_SPLIT_MAX_SM90) if arch == 90 else FP32_SPLIT_MAX
+    limit = min(FP32_SPLIT_DW_MAX if weight_grad else fwd_limit, PLANE_MAX)
     return dtype == torch.float32 and fp32_precision() == "bf16x6" and max(plane_pad(H), plane_pad(W)) <= limit
 
 
-def fp32_split_passes(H: int, W: int, lines_t: int, lines_w: int) -> Tuple[Tuple[int, int], ...]:
-    """The launches of an fp32 forward on the plane kernels (precision bf16x6): (SPLIT_LO, SPLIT_HI) weight splits
-    per launch, as many per launch as their Toeplitz operands fit in ``PLANE_TOEPLITZ_BYTES`` (one set each at
-    64-padded planes: three launches, the later ones adding to y; all three at once on smaller planes)."""
+def fp32_split_passes(H: int, W: int, lines_t: int, lines_w: int) -> Tuple[dict, ...]:
+    """The launches of an fp32 forward on the plane kernels (precision bf16x6), each as its overrides of the
+    launch's arguments: all three weight splits of both slots in one launch on planes padded to 32 and less (their
+    Toeplitz operands fit in ``PLANE_TOEPLITZ_BYTES``); on larger ones one slot per launch, with at most
+    ``FP32_SPLITS_PER_LAUNCH`` weight splits each (the registers bound them: with more, the 64-padded split kernels
+    spill), every launch after the first adding to y (ADD_Y)."""
     bh, bw = plane_pad(H), plane_pad(W)
     per_set = (lines_t * bh * bh + lines_w * bw * bw) * 2
-    k = max(1, min(FP32_SPLITS, PLANE_TOEPLITZ_BYTES // per_set))
-    return tuple((lo, min(lo + k, FP32_SPLITS)) for lo in range(0, FP32_SPLITS, k))
+    if max(bh, bw) <= 32 and FP32_SPLITS * per_set <= PLANE_TOEPLITZ_BYTES:
+        return (dict(SPLIT_LO=0, SPLIT_HI=FP32_SPLITS),)
+    passes = []
+    for slot, lines, b in (("tall", lines_t, bh), ("wide", lines_w, bw)):
+        if lines == 0:
+            continue
+        k = max(1, min(FP32_SPLITS_PER_LAUNCH[slot], PLANE_TOEPLITZ_BYTES // (lines * b * b * 2)))
+        off = dict(KH_W=0, KW_W=0, SPARSE_W=False) if slot == "tall" else dict(KH_T=0, KW_T=0, SPARSE_T=False)
+        for lo in range(0, FP32_SPLITS, k):
+            passes.append(dict(off, SPLIT_LO=lo, SPLIT_HI=min(lo + k, FP32_SPLITS), ADD_Y=bool(passes)))
+    return tuple(passes)
 
 
 def bf16_splits(w: torch.Tensor) -> torch.Tensor:
@@ -459,9 +478,11 @@ def _elem_bytes(dtype) -> int:
 
 
 def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_strides, ww_shape, ww_strides, *,
-                    has_bias, flip, sparse_t, sparse_w, items_strides=(0, 0), interpreter=False) -> LaunchSpec:
+                    has_bias, flip, sparse_t, sparse_w, items_strides=(0, 0), interpreter=False,
+                    arch=0) -> LaunchSpec:
     """The forward / input-gradient launch for x [N, C, H, W] of ``dtype`` with the given strides, slot weights
-    [C, KH, KW] (shape None: slot absent) and whether each slot is sparse (line metadata given)."""
+    [C, KH, KW] (shape None: slot absent) and whether each slot is sparse (line metadata given), on a GPU of
+    compute capability ``arch`` (10 * major + minor; 0: not a GPU)."""
     eb = _elem_bytes(dtype)
     KH_T, KW_T = wt_shape if wt_shape is not None else (0, 0)
     KH_W, KW_W = ww_shape if ww_shape is not None else (0, 0)
@@ -479,7 +500,7 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
     pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
     # fp32 on the plane kernels: bf16 parts of x (split in the kernel) and of the weights (``bf16_splits``)
-    split = use_fp32_split(H, W, dtype)
+    split = use_fp32_split(H, W, dtype, arch=arch)
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
         args.update(ALIGN=_plane_align(W, eb, x_strides, y_strides), BH=plane_pad(H), BW=plane_pad(W),
                     WIDE_IDX=_plane_wide_idx((H, W), x_strides, y_strides))
@@ -490,7 +511,7 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
             args.update(swt_c=KH_T * KW_T, swt_h=KW_T, swt_w=1, sww_c=KH_W * KW_W, sww_h=KW_W, sww_w=1,
                         DOT_UPCAST=interpreter)
             pointers.update(wt_ptr="wt_split" if wt_shape else "dummy", ww_ptr="ww_split" if ww_shape else "dummy")
-            passes = tuple(dict(SPLIT_LO=lo, SPLIT_HI=hi) for lo, hi in fp32_split_passes(H, W, KW_T, KH_W))
+            passes = fp32_split_passes(H, W, KW_T, KH_W)
         return LaunchSpec("lk_conv2d_plane_fwd_kernel", "fwd", lk_conv2d_plane_fwd_kernel, _plane_fwd_autotuned, args,
                           pointers, lk_conv2d_plane_configs(), lk_conv2d_plane_default_config(H, W, eb),
                           lambda meta: (C * triton.cdiv(N, meta["IMG"]),), passes)
@@ -576,7 +597,7 @@ _fwd_autotuned = triton.autotune(
 _plane_fwd_autotuned = triton.autotune(
     configs=lk_conv2d_plane_configs(),
     key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP", "ALIGN",
-         "SPLIT_LO", "SPLIT_HI"],
+         "SPLIT_LO", "SPLIT_HI", "ADD_Y"],
     restore_value=["y_ptr"],   # the later fp32 split launches add to y: each timed run starts from the same y
 )(lk_conv2d_plane_fwd_kernel)
 
@@ -635,7 +656,7 @@ def launch_lk_conv2d_fwd(
         sparse_t=sparse_t is not None, sparse_w=sparse_w is not None,
         items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
-        interpreter=interpreter_active())
+        interpreter=interpreter_active(), arch=_arch(x.device))
     tensors = dict(x=x, y=out, wt=wt, ww=ww, bias=bias, dummy=x)
     if "wt_split" in spec.pointers.values():
         tensors["wt_split"] = bf16_splits(wt)
@@ -657,6 +678,15 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
 def _new_empty(*shape: int, device: torch.device) -> torch.Tensor:
     """fp32 scratch for the weight-gradient partials (tests patch this to hand out NaN-filled buffers)."""
     return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> int:
+    """The compute capability of ``device`` as 10 * major + minor (90: Hopper); 0 off a GPU."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0
 
 
 @functools.lru_cache(maxsize=None)
