@@ -361,21 +361,27 @@ def lk_conv2d_plane_dw_configs():
     lines accumulated per pass over the images (each pass loads dy once; LG [B, B] fp32 accumulators in
     registers at once). The static model's ranking is in bench/NOTES.md; on 32- and 16-padded planes (SLaK-T stages
     2-4) its best keep every line of a slot in one pass with 2 or 4 warps: fewer warps per program leave room for
-    more resident programs, which hide the passes' global-load latency."""
+    more resident programs, which hide the passes' global-load latency. The NB 1 candidates with 3 and 5 lines
+    per pass on 4 and 2 warps are the fp32 splits' best (three parts of dy and x take the registers of more
+    images per dot)."""
     return [triton.Config({"NB": nb, "LG": lg}, num_warps=w, num_stages=1)
             for nb, lg, w in [(1, 1, 4), (1, 2, 4), (1, 3, 8), (1, 5, 8), (2, 2, 4), (2, 3, 8), (2, 5, 8), (4, 2, 4),
-                              (4, 5, 4), (4, 5, 8), (2, 5, 2), (4, 5, 2), (2, 5, 4)]]
+                              (4, 5, 4), (4, 5, 8), (2, 5, 2), (4, 5, 2), (2, 5, 4), (1, 3, 4), (1, 5, 2)]]
 
 
-def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2):
+def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2, sparse=False):
     """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md), the largest LG that
     compiles spill-free for sm_80 and sm_90 (triton 3.6 to 3.8): on 64-padded planes 2 lines per pass (LG [64, 64]
-    fp32 accumulators), on small planes every line of a SLaK slot (5) in one pass (fp32 splits: one image per
-    dot); 8 warps."""
+    fp32 accumulators), on small planes every line of a SLaK slot (5) in one pass; 8 warps. fp32 as bf16 splits
+    (three parts of dy held in registers as the A operands of every line): one image per dot, 4 warps, and per
+    plane size the most lines per pass that compile spill-free: 5 (16-padded; the model's best, 2 warps, spills
+    on 7x7 planes for sm_80), 2 (32-padded, a slot per launch; 3 are predicted 6% faster but spill under triton
+    3.8), 1 (64-padded, a slot per launch; ``sparse`` launches there take 8 warps: on 4 the tall one spills)."""
+    if elem_bytes == 4:
+        lg, warps = (1, 8 if sparse else 4) if max(H, W) > 32 else (2, 4) if max(H, W) > 16 else (5, 4)
+        return {"NB": 1, "LG": lg, "num_warps": warps, "num_stages": 1}
     if max(H, W) > 32:
         return {"NB": 1, "LG": 2, "num_warps": 8, "num_stages": 1}
-    if elem_bytes == 4:   # fp32 as bf16 splits (16-padded planes): three parts of dy in registers, one image per dot
-        return {"NB": 1, "LG": 5, "num_warps": 8, "num_stages": 1}
     return {"NB": 4, "LG": 5, "num_warps": 8, "num_stages": 1}
 
 
@@ -719,6 +725,19 @@ def _diagonal_sums(p, limit, KP: tl.constexpr, OFF: tl.constexpr):
 
 
 @triton.jit
+def _pass_end(live, n_start, n_stop, WHOLE: tl.constexpr):
+    """The end of a weight-gradient pass's loop over its images: n_stop, or n_start (no image) when WHOLE (a sparse
+    pass of one line that sums no dy for the bias) and its line is inactive: the whole pass is skipped, its dy
+    loads too, and the loop body has no branch (fewer registers: with the branch the fp32 split passes on
+    64-padded planes spilled)."""
+    n_hi = n_stop
+    if WHOLE:
+        if not live[0]:
+            n_hi = n_start
+    return n_hi
+
+
+@triton.jit
 def _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, XS: tl.constexpr, ONES: tl.constexpr,
                DOT_UPCAST: tl.constexpr, BH: tl.constexpr):
     """x of a group of images shifted by XS columns, in the tall layout [BH, NB*BW] (0 outside the planes); ONES:
@@ -740,9 +759,10 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                   BH: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, DY_LAG: tl.constexpr, SPLIT: tl.constexpr):
     """Tall lines J0 .. J0+LG-1 (those < KW) over the program's images: P_j += DY @ X_j^T for every image group
     (dy loaded once per group for all the lines), then the lines' tap gradients (diagonal sums of P_j) are written
-    to dwt_c [KH, KW]. BIAS: 1 = add the images' dy to acc_b; 2 = the bias gradient by the tensor cores: the centre
-    line's X gets a row of ones in its padding row BH - 1 (needs H < BH), so that column BH - 1 of its P sums dy;
-    acc_b[0, 0] receives it. Returns acc_b.
+    to dwt_c [KH, KW]. BIAS: 1 = add the images' dy to acc_b ([BH, NB*BW] fp32; with SPLIT [1, 1]: the pass keeps
+    row sums, as the tile would take registers the split operands need); 2 = the bias gradient by the tensor cores:
+    the centre line's X gets a row of ones in its padding row BH - 1 (needs H < BH), so that column BH - 1 of its P
+    sums dy; acc_b[0, 0] receives it. Returns acc_b.
 
     DY_LAG (dense passes; needs W < BW and unpacked images: the lag moves one real column into the padding): x
     shifted by an odd number of columns cannot be loaded as vectors, so a line of odd shift s takes dy lagged by
@@ -759,17 +779,22 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
     for l in tl.static_range(NL):
         live = live + (_line_on(t_act_ptr, c, J0 + l, KW, SPARSE),)
         accs = accs + (tl.zeros((BH, BH), dtype=tl.float32),)
+    rows_b = tl.zeros((BH,), dtype=tl.float32)   # (BIAS 1 with SPLIT)
+    n_hi = _pass_end(live, n_start, n_stop, SPARSE and NL == 1 and BIAS != 1)
     row_in = ar_h < H
     # offsets inside a group of NB images from its first image (tall layout [BH, NB*BW]): loop-invariant
     off_d = cb[None, :] * sdn + ar_h[:, None] * sdh + cw[None, :] * sdw
     off_x = cb[None, :] * sxn + ar_h[:, None] * sxh + cw[None, :] * sxw
-    for n0 in range(n_start, n_stop, g):
+    for n0 in range(n_start, n_hi, g):
         img = ((n0 + cb) < n_stop) & (cb < g)
         x_g = x_c + n0 * sxn     # n0 is int64
         dy = tl.load(d_c + n0 * sdn + off_d, mask=row_in[:, None] & ((cw < W) & img)[None, :],
                      other=0.0)
         if BIAS == 1:
-            acc_b += dy.to(tl.float32)
+            if SPLIT:
+                rows_b += tl.sum(dy.to(tl.float32), axis=1)
+            else:
+                acc_b += dy.to(tl.float32)
         dys = _a_operands(dy, NP, SPLIT, DOT_UPCAST)   # the A operands of every line's dots
         dy_lag = dys             # (unused unless DY_LAG)
         if DY_LAG and not SPARSE:
@@ -784,7 +809,7 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
             lag = DY_LAG and not SPARSE and s % 2 != 0
             xs = s - 1 if lag else s
             ones = BIAS == 2 and s == 0
-            if SPARSE:
+            if SPARSE and not (NL == 1 and BIAS != 1):   # (else the pass runs only if its line is active)
                 if live[l]:   # (a runtime branch: the line loads its own x)
                     xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, s, ones, DOT_UPCAST, BH)
                     p = _split_dots(dys, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), p, NP, True, DOT_PREC)
@@ -800,6 +825,8 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                     p = _split_dots(dys, xts, p, NP, True, DOT_PREC)
             new = new + (p,)
         accs = new
+    if BIAS == 1 and SPLIT:
+        acc_b += tl.sum(rows_b, axis=0)
     kk = tl.arange(0, KP)
     for l in tl.static_range(NL):   # an inactive line kept its zero accumulator: zero gradient
         tl.store(dwt_c + kk * KW + (J0 + l), _diagonal_sums(accs[l], H, KP, KH // 2), mask=kk < KH)
@@ -825,22 +852,30 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
     for l in tl.static_range(NL):
         live = live + (_line_on(w_act_ptr, c, I0 + l, KH, SPARSE),)
         accs = accs + (tl.zeros((BW, BW), dtype=tl.float32),)
+    rows_b = tl.zeros((rh.shape[0],), dtype=tl.float32)   # (BIAS 1 with SPLIT: NB * BH rows)
+    n_hi = _pass_end(live, n_start, n_stop, SPARSE and NL == 1 and BIAS != 1)
+    flags = live
+    if SPARSE and NL == 1 and BIAS != 1:
+        flags = (True,)   # (the pass runs only if its line is active: no branch in the loop)
     col_in = ar_w < W
     # offsets inside a group of NB images from its first image (wide layout [NB*BH, BW]): loop-invariant
     off_d = rb[:, None] * sdn + rh[:, None] * sdh + ar_w[None, :] * sdw
     off_x = rb[:, None] * sxn + rh[:, None] * sxh + ar_w[None, :] * sxw
-    for n0 in range(n_start, n_stop, g):
+    for n0 in range(n_start, n_hi, g):
         img = ((n0 + rb) < n_stop) & (rb < g)
         x_g = x_c + n0 * sxn     # n0 is int64
         dy = tl.load(d_c + n0 * sdn + off_d, mask=((rh < H) & img)[:, None] & col_in[None, :],
                      other=0.0)
         if BIAS == 1:
-            acc_b += dy.to(tl.float32)
+            if SPLIT:
+                rows_b += tl.sum(dy.to(tl.float32), axis=1)
+            else:
+                acc_b += dy.to(tl.float32)
         dyts = _a_operands(tl.trans(dy), NP, SPLIT, DOT_UPCAST)   # the A operands of every line's dots
         new = ()
         for l in tl.static_range(NL):
             q = accs[l]
-            if live[l]:
+            if flags[l]:
                 rows = rh + (I0 + l - KH // 2)
                 xw = tl.load(x_g + off_x + (I0 + l - KH // 2) * sxh,
                              mask=((rows >= 0) & (rows < H) & img)[:, None] & col_in[None, :], other=0.0)
@@ -851,6 +886,8 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
                 q = _split_dots(dyts, _operand_parts(xw, NP, SPLIT, DOT_UPCAST), q, NP, False, DOT_PREC)
             new = new + (q,)
         accs = new
+    if BIAS == 1 and SPLIT:
+        acc_b += tl.sum(rows_b, axis=0)
     kk = tl.arange(0, KP)
     for l in tl.static_range(NL):
         tl.store(dww_c + (I0 + l) * KW + kk, _diagonal_sums(accs[l], W, KP, KW // 2), mask=kk < KW)
@@ -943,8 +980,8 @@ def lk_conv2d_plane_dw_kernel(
         BIAS_W: tl.constexpr = 2 if W_PADDED and not SPARSE_W else 1
     else:
         BIAS_W: tl.constexpr = 0
-    acc_bt = tl.zeros((BH, NB * BW) if BIAS_T == 1 else (1, 1), dtype=tl.float32)
-    acc_bw = tl.zeros((NB * BH, BW) if BIAS_W == 1 else (1, 1), dtype=tl.float32)
+    acc_bt = tl.zeros((BH, NB * BW) if BIAS_T == 1 and not SPLIT else (1, 1), dtype=tl.float32)
+    acc_bw = tl.zeros((NB * BH, BW) if BIAS_W == 1 and not SPLIT else (1, 1), dtype=tl.float32)
     for j0 in tl.static_range(0, KW_T, LG):
         acc_bt = _dw_tall_pass(acc_bt, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh, sxw, sdn, sdh,
                                sdw, ar_h, cw, cb, g_t, dwt_ptr + out_c * (KH_T * KW_T), KH=KH_T, KW=KW_T, J0=j0, LG=LG,

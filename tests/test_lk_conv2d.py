@@ -595,6 +595,28 @@ def test_plane_dw_bias_gradient_once(H, W, LG, centre_on):
     check_plane_dw(x, wt, ww, meta_t, meta_w, NB=1, LG=LG)
 
 
+@pytest.mark.parametrize("dtype, H, W", [(torch.bfloat16, 9, 14), (torch.float32, 20, 30)])
+def test_plane_dw_one_line_passes_skip_inactive_lines(dtype, H, W):
+    """Sparse passes of one line (LG 1) run over the images only when their line is active (``_pass_end``), except
+    the first one, which also sums dy for the bias gradient: both slots sparse, the first and the centre lines of
+    some channels inactive; bf16 and fp32 as bf16 splits (32-padded: a slot per launch, the bias from row sums)."""
+    torch.manual_seed(H + W)
+    N, C = 3, 3
+    x = torch.randn(N, C, H, W, device=DEV).to(dtype)
+    ws = [(torch.randn(C, 1, 11, 5, device=DEV) / 8).to(dtype), (torch.randn(C, 1, 5, 9, device=DEV) / 8).to(dtype)]
+    mt, mw = torch.ones_like(ws[0]), torch.ones_like(ws[1])
+    mt[0, :, :, 0] = 0       # channel 0: the first tall line (the bias pass) inactive
+    mt[1, :, :, 2] = 0       # channel 1: the centre tall line inactive
+    mt[2, :, :, 1:4] = 0
+    mw[0, :, 2, :] = 0
+    mw[1, :, 0, :] = 0
+    mw[2, :, 3:, :] = 0
+    meta_t, meta_w = op_mod.slot_metadata(ws, [mt, mw])
+    wt, ww = op_mod.fold_branches(ws, [mt, mw])
+    check_plane_dw(x, wt, ww, meta_t, meta_w, NB=1, LG=1,
+                   max_rel_l2=SPLIT_REL_L2 if dtype == torch.float32 else None)
+
+
 def rel_l2(actual, expected):
     return ((actual.double() - expected).norm() / expected.norm()).item()
 
@@ -604,26 +626,27 @@ def rel_l2(actual, expected):
 SPLIT_REL_L2 = 1e-6
 
 
-@pytest.mark.parametrize("H, W, tall_only, passes", [
-    (12, 10, False, 1),   # 16-padded: the three weight splits' Toeplitz operands in one launch
-    (20, 30, False, 1),   # 32-padded (SLaK stage 2)
-    (40, 10, True, 2),    # 64 x 16, tall slot only: two splits, then one (64-padded: FP32_SPLIT_MAX raised)
-    (20, 36, False, 5),   # 32 x 64: a slot per launch, the tall one's splits in two launches, the wide one's in
-])                        # three; the later launches add to y
+@pytest.mark.parametrize("H, W, tall_only, passes, dw_passes", [
+    (12, 10, False, 1, 1),   # 16-padded: the three weight splits' Toeplitz operands in one launch (dW: both slots)
+    (20, 30, False, 1, 2),   # 32-padded (SLaK stage 2); dW: a slot per launch
+    (40, 10, True, 2, 1),    # 64 x 16, tall slot only: two splits, then one (64-padded: FP32_SPLIT_MAX raised)
+    (20, 36, False, 5, 2),   # 32 x 64: a slot per launch, the tall one's splits in two launches, the wide one's
+])                           # in three; the later launches add to y
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_fp32_split_matches_float64(H, W, tall_only, passes, flip, sparse, monkeypatch):
+def test_fp32_split_matches_float64(H, W, tall_only, passes, dw_passes, flip, sparse, monkeypatch):
     """fp32 on the plane kernels (precision bf16x6): x and w as three bf16 parts each, the six products that
     matter over one to five launches (bias added once): float64 accuracy up to fp32 sums, forward, input
-    gradient and weight gradient, dense and sparse. Larger planes split only when FP32_SPLIT_MAX (forward) and
-    FP32_SPLIT_DW_MAX allow (by default they stay tiled: their split kernels spill)."""
+    gradient and weight gradient (one or two launches, the bias gradient once), dense and sparse. 64-padded
+    planes split only on sm_90 (here FP32_SPLIT_MAX and FP32_SPLIT_DW_MAX are raised to run them)."""
     assert op_mod.fp32_precision() == "bf16x6"
     assert op_mod.use_fp32_split(H, W, torch.float32) == (max(H, W) <= 32)
-    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True) == (max(H, W) <= 16)
-    # on Hopper the forward splits 64-padded planes too (a slot per launch), on sm_80 and off a GPU it does not
+    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True) == (max(H, W) <= 32)
+    # on Hopper 64-padded planes split too (a slot per launch), on sm_80 and off a GPU they do not
     assert op_mod.use_fp32_split(H, W, torch.float32, arch=90) == (max(H, W) <= 64)
     assert op_mod.use_fp32_split(H, W, torch.float32, arch=80) == (max(H, W) <= 32)
-    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True, arch=90) == (max(H, W) <= 16)
+    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True, arch=90) == (max(H, W) <= 64)
+    assert op_mod.use_fp32_split(H, W, torch.float32, weight_grad=True, arch=80) == (max(H, W) <= 32)
     monkeypatch.setattr(op_mod, "FP32_SPLIT_MAX", 64)
     monkeypatch.setattr(op_mod, "FP32_SPLIT_DW_MAX", 64)
     torch.manual_seed(H * 10 + W + passes)
@@ -646,7 +669,10 @@ def test_fp32_split_matches_float64(H, W, tall_only, passes, flip, sparse, monke
     assert_close(y, ref, dtype, 31 * 5 * 2, "y")
     assert rel_l2(y, ref) <= SPLIT_REL_L2, f"y: relative L2 error {rel_l2(y, ref):.2e}"
     if not flip:
+        assert len(op_mod.fp32_split_dw_passes(H, W, 5, 0 if tall_only else 5)) == dw_passes
+        before = LAUNCH_COUNTS["lk_conv2d_plane_dw_kernel"]
         check_plane_dw(x, wt, ww, meta_t, meta_w, NB=2, LG=2, max_rel_l2=SPLIT_REL_L2)
+        assert LAUNCH_COUNTS["lk_conv2d_plane_dw_kernel"] - before == dw_passes
 
 
 def test_fp32_precision_picks_the_path(monkeypatch):

@@ -88,7 +88,7 @@ def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True, arch=90) ->
         return dw_launch_spec(N, C, H, W, dt, st, st, tall, wide, need_bias=bias, sparse_t=sparse and tall is not None,
                               sparse_w=sparse and wide is not None, items_strides=(tall[1] if tall else 0,
                                                                                    wide[0] if wide else 0),
-                              sms=SMS)[0]
+                              sms=SMS, arch=arch)[0]
     return fwd_launch_spec(N, C, H, W, dt, st, st, tall, _slot_strides(tall), wide, _slot_strides(wide),
                            has_bias=bias and kind == "fwd", flip=kind == "dx",
                            sparse_t=sparse and tall is not None, sparse_w=sparse and wide is not None,
@@ -107,7 +107,7 @@ def _pass_label(extra: dict) -> str:
     if not extra:
         return ""
     slot = " tall" if extra.get("KW_W") == 0 else " wide" if extra.get("KW_T") == 0 else ""
-    return f"{slot} split{extra['SPLIT_LO']}{extra['SPLIT_HI']}"
+    return slot + (f" split{extra['SPLIT_LO']}{extra['SPLIT_HI']}" if "SPLIT_LO" in extra else "")
 
 
 def _config_dict(c) -> dict:
@@ -240,7 +240,8 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     is active (expected trip counts). Each candidate lists the op's launches: one kernel (the per-call line
     metadata are a few tensor ops on [C, K, 5] masks, dW's fixed-order sum of its S x C x 2 x 5K fp32 partials
     reads under 1 MB, and the fp32 forward's bf16 splits of the weights are 3 x 2 x C x 5K elements: all left
-    out); the fp32 split forward on 64-padded planes (when FP32_SPLIT_MAX allows it) lists one launch per pass."""
+    out); the fp32 split forward on 64-padded planes and the fp32 split weight gradient on 32- and 64-padded ones
+    (sm_90's launches) list one launch per pass."""
     eb = 4 if dtype == "float32" else 2
     ls = spec_for(kind, N, C, H, W, (K, 5), (5, K), dtype, density < 1)
     lines_t = lines_w = 5

@@ -353,10 +353,14 @@ FP32_SPLITS = 3
 #: gradient: ``FP32_SPLIT_DW_MAX``): on larger planes the split kernels spill under triton 3.6 to 3.8 (255
 #: registers at 64-padded forward planes, 32-padded weight-gradient planes; bench/NOTES.md), so those stay tiled.
 FP32_SPLIT_MAX = 32
-FP32_SPLIT_DW_MAX = 16
-#: The forward's limit on Hopper (sm_90): there 64-padded planes split too, one slot per launch
-#: (``fp32_split_passes``), which compiles spill-free for sm_90 but not for sm_80 (A100 keeps the tiled kernels).
+FP32_SPLIT_DW_MAX = 32
+#: The limits on Hopper (sm_90): there 64-padded planes split too, one slot per launch (``fp32_split_passes``,
+#: ``fp32_split_dw_passes``), which compiles spill-free for sm_90 but not for sm_80 (A100 keeps the tiled kernels).
 FP32_SPLIT_MAX_SM90 = 64
+FP32_SPLIT_DW_MAX_SM90 = 64
+#: The fp32 split weight gradient computes both slots in one launch on planes padded up to this size; on larger
+#: ones a slot per launch (the registers: three parts of dy and of x next to the lines' fp32 accumulators).
+FP32_SPLIT_DW_ONE_LAUNCH = 16
 #: Weight splits per launch of one slot where the fp32 split forward runs a slot per launch (64-padded planes):
 #: the tall slot's x parts are B operands (shared memory), the wide slot's A operands held in registers.
 FP32_SPLITS_PER_LAUNCH = {"tall": 2, "wide": 1}
@@ -365,10 +369,13 @@ FP32_SPLITS_PER_LAUNCH = {"tall": 2, "wide": 1}
 def use_fp32_split(H: int, W: int, dtype, weight_grad: bool = False, arch: int = 0) -> bool:
     """Whether an fp32 call runs on the plane kernels as bf16 splits (precision bf16x6, planes padded to at most
     ``FP32_SPLIT_MAX`` (``FP32_SPLIT_MAX_SM90`` on ``arch`` 90, the GPU's compute capability as 10 * major +
-    minor; 0 off a GPU), or ``FP32_SPLIT_DW_MAX`` for the weight gradient); every other fp32 call takes the tiled
-    kernels with ``fp32_precision()``'s dots."""
-    fwd_limit = max(FP32_SPLIT_MAX, FP32_SPLIT_MAX_SM90) if arch == 90 else FP32_SPLIT_MAX
-    limit = min(FP32_SPLIT_DW_MAX if weight_grad else fwd_limit, PLANE_MAX)
+    minor; 0 off a GPU), or ``FP32_SPLIT_DW_MAX`` (``FP32_SPLIT_DW_MAX_SM90``) for the weight gradient); every
+    other fp32 call takes the tiled kernels with ``fp32_precision()``'s dots."""
+    if weight_grad:
+        limit = max(FP32_SPLIT_DW_MAX, FP32_SPLIT_DW_MAX_SM90) if arch == 90 else FP32_SPLIT_DW_MAX
+    else:
+        limit = max(FP32_SPLIT_MAX, FP32_SPLIT_MAX_SM90) if arch == 90 else FP32_SPLIT_MAX
+    limit = min(limit, PLANE_MAX)
     return dtype == torch.float32 and fp32_precision() == "bf16x6" and max(plane_pad(H), plane_pad(W)) <= limit
 
 
@@ -391,6 +398,16 @@ def fp32_split_passes(H: int, W: int, lines_t: int, lines_w: int) -> Tuple[dict,
         for lo in range(0, FP32_SPLITS, k):
             passes.append(dict(off, SPLIT_LO=lo, SPLIT_HI=min(lo + k, FP32_SPLITS), ADD_Y=bool(passes)))
     return tuple(passes)
+
+
+def fp32_split_dw_passes(H: int, W: int, lines_t: int, lines_w: int) -> Tuple[dict, ...]:
+    """The launches of an fp32 weight gradient on the plane kernels (precision bf16x6), each as its overrides of
+    the launch's arguments: both slots in one launch on planes padded to ``FP32_SPLIT_DW_ONE_LAUNCH`` and less;
+    on larger ones the tall slot's lines (and the bias gradient), then the wide slot's, each launch writing its
+    own slot's partials (nothing is summed across launches)."""
+    if max(plane_pad(H), plane_pad(W)) <= FP32_SPLIT_DW_ONE_LAUNCH or not lines_t or not lines_w:
+        return ({},)
+    return (dict(KH_W=0, KW_W=0, SPARSE_W=False), dict(KH_T=0, KW_T=0, SPARSE_T=False, HAS_BIAS=False))
 
 
 def bf16_splits(w: torch.Tensor) -> torch.Tensor:
@@ -527,8 +544,9 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
 
 
 def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_shape, *, need_bias, sparse_t,
-                   sparse_w, items_strides=(0, 0), sms=132, interpreter=False) -> Tuple[LaunchSpec, int]:
-    """The weight-gradient launch and its number of partial slices S (the launcher sums them in a fixed order)."""
+                   sparse_w, items_strides=(0, 0), sms=132, interpreter=False, arch=0) -> Tuple[LaunchSpec, int]:
+    """The weight-gradient launch and its number of partial slices S (the launcher sums them in a fixed order), on
+    a GPU of compute capability ``arch`` (0: not a GPU)."""
     eb = _elem_bytes(dtype)
     KH_T, KW_T = tall_shape if tall_shape is not None else (0, 0)
     KH_W, KW_W = wide_shape if wide_shape is not None else (0, 0)
@@ -544,7 +562,7 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
                     db_ptr="db" if need_bias else "dummy")
     # fp32 on the plane kernels: x and dy split into bf16 parts in the kernel (as in the forward)
-    split = use_fp32_split(H, W, dtype, weight_grad=True)
+    split = use_fp32_split(H, W, dtype, weight_grad=True, arch=arch)
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
@@ -556,8 +574,9 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                     DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
-                          pointers, lk_conv2d_plane_dw_configs(), lk_conv2d_plane_dw_default_config(H, W, eb),
-                          lambda meta: (C * splits,)), splits
+                          pointers, lk_conv2d_plane_dw_configs(), lk_conv2d_plane_dw_default_config(H, W, eb, sparse_t or sparse_w),
+                          lambda meta: (C * splits,),
+                          fp32_split_dw_passes(H, W, KW_T, KH_W) if split else ({},)), splits
     # tiled: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile
     splits = max(1, min(N * triton.cdiv(H, 16) * triton.cdiv(W, 16), triton.cdiv(4 * sms, C)))
     tb_t, tb_w = (KH_T if sparse_t else 1), (KW_W if sparse_w else 1)
@@ -734,7 +753,7 @@ def launch_lk_conv2d_bwd_dw(
         sparse_t=sparse_t is not None, sparse_w=sparse_w is not None,
         items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
-        sms=_num_sms(dev), interpreter=interpreter_active())
+        sms=_num_sms(dev), interpreter=interpreter_active(), arch=_arch(dev))
     dwt = _new_empty(n_splits, C, KH_T, KW_T, device=dev) if KH_T else None
     dww = _new_empty(n_splits, C, KH_W, KW_W, device=dev) if KH_W else None
     db = _new_empty(n_splits, C, device=dev) if need_bias else None
