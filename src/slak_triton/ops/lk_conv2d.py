@@ -350,8 +350,8 @@ def use_plane_kernels(H: int, W: int, lines_t: int, lines_w: int, elem_bytes: in
 #: bf16 parts of an fp32 value in the split kernels: three hold its 24-bit significand exactly.
 FP32_SPLITS = 3
 #: fp32 runs split on the plane kernels for planes up to this padded size (forward and input gradient; weight
-#: gradient: ``FP32_SPLIT_DW_MAX``): on larger planes the split kernels spill under triton 3.6 to 3.8 (255
-#: registers at 64-padded forward planes, 32-padded weight-gradient planes; bench/NOTES.md), so those stay tiled.
+#: gradient: ``FP32_SPLIT_DW_MAX``): on 64-padded planes the split kernels spill for sm_80 under triton 3.6 to
+#: 3.8 even a slot per launch (bench/NOTES.md), so those stay tiled there.
 FP32_SPLIT_MAX = 32
 FP32_SPLIT_DW_MAX = 32
 #: The limits on Hopper (sm_90): there 64-padded planes split too, one slot per launch (``fp32_split_passes``,
@@ -574,8 +574,8 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                     DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
-                          pointers, lk_conv2d_plane_dw_configs(), lk_conv2d_plane_dw_default_config(H, W, eb, sparse_t or sparse_w),
-                          lambda meta: (C * splits,),
+                          pointers, lk_conv2d_plane_dw_configs(),
+                          lk_conv2d_plane_dw_default_config(H, W, eb, sparse_t or sparse_w), lambda meta: (C * splits,),
                           fp32_split_dw_passes(H, W, KW_T, KH_W) if split else ({},)), splits
     # tiled: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile
     splits = max(1, min(N * triton.cdiv(H, 16) * triton.cdiv(W, 16), triton.cdiv(4 * sms, C)))
