@@ -1,7 +1,8 @@
 """``slak-bench``: autotuned microbenchmarks of slak_triton from the command line.
 
 Subcommands: ``op`` (the large-kernel op, the default when none is given), ``model`` (whole networks), ``shapes``
-(list the shapes registry with its work counts). ``slak-bench --quick`` is ``slak-bench op --quick``.
+(list the shapes registry with its work counts), ``candidates`` (every autotune candidate of the op's kernels timed,
+as records that refit the static model). ``slak-bench --quick`` is ``slak-bench op --quick``.
 
 CPU mode. Triton picks interpreter or compiler when a kernel is *defined*, i.e. when ``slak_triton`` is imported,
 and importing this module already imported ``slak_triton`` (it is its parent package). So on a machine without
@@ -20,8 +21,11 @@ import textwrap
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import torch
+
 from slak_triton import interpreter_active
 
+from . import bench_candidates
 from . import bench_lk_conv2d as op_bench
 from . import bench_models
 from . import counters, report
@@ -31,7 +35,7 @@ from .shapes import reduce_for_cpu, select_shapes
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = ("op", "model", "shapes")
+SUBCOMMANDS = ("op", "model", "shapes", "candidates")
 _REEXEC_FLAG = "_SLAK_BENCH_REEXEC"
 
 # --quick defaults (explicit options override them).
@@ -60,6 +64,16 @@ def _densities(value: str) -> List[float]:
     return ds
 
 
+def _shape5(value: str):
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 5 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"--shape: expected N,C,H,W,K (five positive ints), got {value!r}")
+    return dims
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", type=Path, help="write the records as JSON")
     p.add_argument("--csv", metavar="PATH", type=Path, help="write the records as CSV")
@@ -79,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Autotuned microbenchmarks of slak_triton. Without a subcommand, runs `op` "
                     "(e.g. `slak-bench --quick`). Without CUDA it runs in CPU mode: PyTorch timed on the CPU at "
                     "reduced sizes, Triton checked under the interpreter; not GPU numbers.")
-    sub = parser.add_subparsers(dest="command", metavar="{op,model,shapes}")
+    sub = parser.add_subparsers(dest="command", metavar="{op,model,shapes,candidates}")
 
     p = sub.add_parser("op", help="the large-kernel depthwise op against PyTorch (default)",
                        description="Times lk_conv2d providers on SLaK stage shapes; see docs/benchmarks.md.")
@@ -114,6 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shapes", help="list the shapes registry with useful-tap FLOPs and minimum bytes")
     s.add_argument("--shapes", default="all")
+
+    c = sub.add_parser("candidates", help="every autotune candidate of the op's kernels timed (records that refit "
+                                          "the static model)",
+                       description="Times one op call per autotune candidate (config forced on all its launches) "
+                                   "on SLaK-T stage shapes; --json writes the records `sass_model.py calibrate "
+                                   "--plan slak_triton.ops.compile_check:launch_plans` reads. See docs/benchmarks.md.")
+    c.add_argument("--kinds", default=list(bench_candidates.KINDS),
+                   type=lambda v: _csv_list(v, bench_candidates.KINDS, "--kinds"))
+    c.add_argument("--stages", default=None, type=lambda v: [int(t) for t in _csv_list(v, ("1", "2", "3", "4"),
+                                                                                        "--stages")],
+                   help="SLaK-T stages at batch 64 (default 1,2,3,4 on a GPU)")
+    c.add_argument("--shape", action="append", type=_shape5, default=None, metavar="N,C,H,W,K",
+                   help="a shape instead of --stages (repeatable; default in CPU mode: "
+                        f"{','.join(map(str, bench_candidates.CPU_SHAPE))})")
+    c.add_argument("--dtypes", default=["bf16", "fp32"], type=lambda v: _csv_list(v, tuple(bench_candidates.DTYPES),
+                                                                                 "--dtypes"))
+    c.add_argument("--densities", default=[1.0, 0.6, 0.3], type=_densities,
+                   help="fractions of active lines (round(10 d) of the 10 per channel), e.g. 1.0,0.6,0.3")
+    c.add_argument("--limit", type=int, default=None, help="time only the first LIMIT candidates of each call")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", metavar="PATH", type=Path, help="write the records (and the failed candidates) as JSON")
+    c.add_argument("--csv", metavar="PATH", type=Path, help="write the records as CSV")
+    c.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    c.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up time per candidate")
+    c.add_argument("--rep-ms", type=float, default=50.0, help="do_bench timing budget per candidate")
     return parser
 
 
@@ -287,6 +326,35 @@ def _cmd_shapes(args, parser) -> int:
     return 0
 
 
+def _cmd_candidates(args, parser) -> int:
+    meta = run_metadata()
+    if args.shape:
+        shapes = args.shape
+    elif args.stages or not meta["cpu_mode"]:
+        shapes = [(n, c, h, h, k) for n, c, h, k in (bench_candidates.STAGES[i] for i in (args.stages or (1, 2, 3, 4)))]
+    else:
+        shapes = [bench_candidates.CPU_SHAPE]
+    _banner(meta)
+    device = torch.device("cuda" if not meta["cpu_mode"] else "cpu")
+    with cpu_mode_threads(CPU_THREADS):
+        records, failed = bench_candidates.run_candidates(
+            bench_candidates.cases(args.kinds, shapes, args.dtypes, args.densities), device,
+            warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, limit=args.limit, seed=args.seed,
+            progress=not args.no_progress)
+    print(bench_candidates.format_candidates_table(records, failed))
+    _footer(meta)
+    if args.json:
+        write_json(args.json, records, meta, {"failed": failed})
+        print(f"wrote {len(records)} records ({len(failed)} failed candidates) to {args.json}")
+    if args.csv:
+        write_csv(args.csv, records)
+        print(f"wrote {args.csv}")
+    if failed:
+        print(f"slak-bench candidates: {len(failed)} candidate(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- validation
 
 def _validate_args(args, parser: argparse.ArgumentParser) -> None:
@@ -304,6 +372,8 @@ def _validate_args(args, parser: argparse.ArgumentParser) -> None:
         bad("--rep-ms", "a finite number > 0", args.rep_ms)
     if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 63:
         bad("--seed", "an int in 0..2**63-1", args.seed)
+    if args.command == "candidates" and args.limit is not None and args.limit < 1:
+        bad("--limit", "an int >= 1", args.limit)
     if args.command == "model":
         if args.batch is not None and args.batch < 1:
             bad("--batch", "an int >= 1", args.batch)
@@ -368,6 +438,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _cmd_op(args, parser)
     if args.command == "model":
         return _cmd_model(args, parser)
+    if args.command == "candidates":
+        return _cmd_candidates(args, parser)
     return _cmd_shapes(args, parser)
 
 

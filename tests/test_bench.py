@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from slak_triton import block_shape
-from slak_triton.bench import bench_lk_conv2d, bench_models, counters, report
+from slak_triton.bench import bench_candidates, bench_lk_conv2d, bench_models, counters, report
 from slak_triton.bench.cli import main
 from slak_triton.bench.env import git_commit, lookup_peaks
 from slak_triton.bench.shapes import REGISTRY, reduce_for_cpu, select_shapes
+from slak_triton.ops.compile_check import launch_plans
 
 ROOT = Path(__file__).resolve().parents[1]
 ON_GPU = torch.cuda.is_available()
@@ -204,6 +205,53 @@ def test_cli_op_cpu_mode_writes_well_formed_records(tmp_path, capsys):
     with out_csv.open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(recs) and REQUIRED <= set(rows[0])
+
+
+def test_cli_candidates_records_match_the_launch_plan(tmp_path, capsys, monkeypatch):
+    """``slak-bench candidates`` (CPU mode: the kernels under the interpreter) writes one record per op call and
+    candidate whose config is a candidate of ``launch_plans`` for the same call, with the number of launches the plan
+    lists, so ``sass_model.py calibrate`` can match every record; a candidate that raises is listed as failed (exit
+    status 1), not recorded."""
+    out = tmp_path / "cand.json"
+    rc = main(["candidates", "--shape", "2,3,12,12,7", "--kinds", "fwd,dx,dw", "--dtypes", "bf16",
+               "--densities", "1.0,0.6", "--limit", "2", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    recs, failed = doc["records"], doc["failed"]
+    assert failed == [] and len(recs) == 3 * 2 * 2
+    assert {(r["kind"], r["density"]) for r in recs} == {(k, d) for k in ("fwd", "dx", "dw") for d in (1.0, 0.6)}
+    for r in recs:
+        assert (r["N"], r["C"], r["H"], r["W"], r["K"], r["dtype"]) == (2, 3, 12, 12, 7, "bfloat16")
+        plans = launch_plans(r["kind"], 2, 3, 12, 12, 7, "bfloat16", r["density"])
+        match = [p for p in plans if p["config"] == r["config"]]
+        assert len(match) == 1, r["config"]
+        assert r["launches"] == len(match[0]["launches"])
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+    assert bench_candidates.active_lines(0.6) == (3, 3) and bench_candidates.active_lines(0.3) == (2, 1)
+
+    def broken(*args, config=None, **kw):
+        if config["IMG"] == 16:
+            raise RuntimeError("out of resources")
+        return real(*args, config=config, **kw)
+    real = bench_candidates.launch_lk_conv2d_fwd
+    monkeypatch.setattr(bench_candidates, "launch_lk_conv2d_fwd", broken)
+    rc = main(["candidates", "--shape", "2,3,12,12,7", "--kinds", "fwd", "--dtypes", "bf16", "--densities", "1.0",
+               "--limit", "2", "--no-progress", "--json", str(out)])
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    assert [r["config"]["IMG"] for r in doc["records"]] == [8]
+    assert [f["config"]["IMG"] for f in doc["failed"]] == [16] and "out of resources" in doc["failed"][0]["error"]
+    assert "FAILED fwd" in capsys.readouterr().out
+
+
+def test_cli_candidates_rejects_bad_arguments(capsys):
+    for argv, words in ((["--limit", "0"], "--limit: expected an int >= 1, got 0"),
+                        (["--shape", "2,3,12"], "--shape: expected N,C,H,W,K"),
+                        (["--stages", "5"], "--stages"), (["--kinds", "bwd"], "--kinds")):
+        with pytest.raises(SystemExit) as e:
+            main(["candidates", *argv])
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_shape(capsys):
