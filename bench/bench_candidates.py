@@ -68,6 +68,7 @@ def active_lines(density: float) -> Tuple[int, int]:
 
 def cases(kinds: Sequence[str], shapes: Sequence[Tuple[int, int, int, int, int]], dtypes: Sequence[str],
           densities: Sequence[float]) -> List[CandidateCase]:
+    """Every (shape, dtype, density, kind) combination; shapes as (N, C, H, W, K), dtypes by short name."""
     return [CandidateCase(k, *s, DTYPES[d], float(den)) for s in shapes for d in dtypes for den in densities
             for k in kinds]
 
