@@ -361,12 +361,20 @@ def lk_conv2d_plane_dw_configs():
     lines accumulated per pass over the images (each pass loads dy once; LG [B, B] fp32 accumulators in
     registers at once). The static model's ranking is in bench/NOTES.md; on 32- and 16-padded planes (SLaK-T stages
     2-4) its best keep every line of a slot in one pass with 2 or 4 warps: fewer warps per program leave room for
-    more resident programs, which hide the passes' global-load latency. The NB 1 candidates with 3 and 5 lines
-    per pass on 4 and 2 warps are the fp32 splits' best (three parts of dy and x take the registers of more
-    images per dot)."""
+    more resident programs, which hide the passes' global-load latency."""
     return [triton.Config({"NB": nb, "LG": lg}, num_warps=w, num_stages=1)
             for nb, lg, w in [(1, 1, 4), (1, 2, 4), (1, 3, 8), (1, 5, 8), (2, 2, 4), (2, 3, 8), (2, 5, 8), (4, 2, 4),
-                              (4, 5, 4), (4, 5, 8), (2, 5, 2), (4, 5, 2), (2, 5, 4), (1, 3, 4), (1, 5, 2)]]
+                              (4, 5, 4), (4, 5, 8), (2, 5, 2), (4, 5, 2), (2, 5, 4)]]
+
+
+def lk_conv2d_plane_dw_split_configs(H, W):
+    """The candidates of fp32 as bf16 splits (three parts of dy and x in registers): one image per dot (more
+    spill kilobytes: NB 4 13 KB at 64-padded planes, and ptxas takes minutes over each), plus 3 lines per pass on
+    4 warps and, on planes padded to 32 and less, 5 on 2 warps: the model's best at SLaK-T stages 2-4 (on
+    64-padded planes 2 warps spill 44 KB)."""
+    extra = [(1, 3, 4)] + ([(1, 5, 2)] if max(H, W) <= 32 else [])
+    return [c for c in lk_conv2d_plane_dw_configs() if c.kwargs["NB"] == 1] + \
+        [triton.Config({"NB": nb, "LG": lg}, num_warps=w, num_stages=1) for nb, lg, w in extra]
 
 
 def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2, sparse=False):

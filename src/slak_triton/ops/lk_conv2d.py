@@ -37,6 +37,7 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_plane_dw_configs,
     lk_conv2d_plane_dw_default_config,
     lk_conv2d_plane_dw_kernel,
+    lk_conv2d_plane_dw_split_configs,
     lk_conv2d_plane_fwd_kernel,
     plane_pad,
 )
@@ -573,8 +574,9 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                     KPW=triton.next_power_of_2(KW_W) if KW_W else 1, SPLIT=split,
                     DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
-        return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, _plane_dw_autotuned, args,
-                          pointers, lk_conv2d_plane_dw_configs(),
+        configs = lk_conv2d_plane_dw_split_configs(H, W) if split else lk_conv2d_plane_dw_configs()
+        return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel,
+                          _plane_dw_tuner(configs) if split else _plane_dw_autotuned, args, pointers, configs,
                           lk_conv2d_plane_dw_default_config(H, W, eb, sparse_t or sparse_w), lambda meta: (C * splits,),
                           fp32_split_dw_passes(H, W, KW_T, KH_W) if split else ({},)), splits
     # tiled: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile
@@ -620,10 +622,18 @@ _plane_fwd_autotuned = triton.autotune(
     restore_value=["y_ptr"],   # the later fp32 split launches add to y: each timed run starts from the same y
 )(lk_conv2d_plane_fwd_kernel)
 
-_plane_dw_autotuned = triton.autotune(
-    configs=lk_conv2d_plane_dw_configs(),
-    key=["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"],
-)(lk_conv2d_plane_dw_kernel)
+_PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
+_plane_dw_autotuned = triton.autotune(configs=lk_conv2d_plane_dw_configs(), key=_PLANE_DW_KEY)(lk_conv2d_plane_dw_kernel)
+_PLANE_DW_TUNERS: dict = {}
+
+
+def _plane_dw_tuner(configs: list):
+    """One autotuner of the plane weight-gradient kernel per candidate list (the fp32 splits take a subset of
+    ``lk_conv2d_plane_dw_configs``, which depends on the plane size: ``lk_conv2d_plane_dw_split_configs``)."""
+    key = tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs)
+    if key not in _PLANE_DW_TUNERS:
+        _PLANE_DW_TUNERS[key] = triton.autotune(configs=configs, key=_PLANE_DW_KEY)(lk_conv2d_plane_dw_kernel)
+    return _PLANE_DW_TUNERS[key]
 
 _DW_TUNERS: dict = {}
 
