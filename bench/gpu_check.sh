@@ -2,16 +2,20 @@
 # Every GPU check of slak_triton in one command, in under ten minutes on an H100:
 #   1. environment report (nvidia-smi, Python / torch / triton / CUDA versions, git commit),
 #   2. the GPU test tier: pytest -m gpu -q,
-#   3. slak-bench op --quick, writing JSON, CSV and a PNG plot.
+#   3. slak-bench op --quick, writing JSON, CSV and a PNG plot,
+#   4. slak-bench candidates at SLaK-T stage 1, bf16, dense: every autotune candidate of the forward, input and
+#      weight gradient timed, the records that refit the static model (bench/NOTES.md).
 #
 # Usage: bench/gpu_check.sh [OUTDIR]          (OUTDIR defaults to bench/results/)
 # Env:   PYTHON (default python3), GPU_CHECK_PYTEST_TIMEOUT (s, default 300), GPU_CHECK_BENCH_TIMEOUT (s, default 360),
+#        GPU_CHECK_CANDIDATES_TIMEOUT (s, default 150; 0 skips step 4),
 #        SLAK_GPU_CHECK_ALLOW_CPU=1 to run on a machine without CUDA (CPU mode; for testing this script only).
 #
 # Works offline: if slak_triton is not importable it installs the checkout with
 #   pip install --no-deps --no-build-isolation -e .
 # (torch, triton, einops, pytest, hypothesis and matplotlib must already be there).
-# Outputs: OUTDIR/<device>-<UTC stamp>.{json,csv,png} plus -env.txt, -pytest.log, -bench.log, -summary.txt.
+# Outputs: OUTDIR/<device>-<UTC stamp>.{json,csv,png} plus -env.txt, -pytest.log, -bench.log, -candidates.json,
+#          -candidates.log, -summary.txt.
 # Exit status: 0 when every step passed, 1 when one failed, 2 when it could not start.
 set -uo pipefail
 
@@ -20,6 +24,7 @@ OUTDIR="${1:-$ROOT/bench/results}"
 PY="${PYTHON:-python3}"
 PYTEST_TIMEOUT="${GPU_CHECK_PYTEST_TIMEOUT:-300}"
 BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-360}"
+CANDIDATES_TIMEOUT="${GPU_CHECK_CANDIDATES_TIMEOUT:-150}"
 export PYTHONUNBUFFERED=1
 cd "$ROOT" || exit 2
 mkdir -p "$OUTDIR" || exit 2
@@ -50,7 +55,7 @@ step() {  # step NAME RC
     if [ "$2" -eq 0 ]; then SUMMARY+=("PASS  $1"); else SUMMARY+=("FAIL  $1 (exit $2)"); STATUS=1; fi
 }
 
-echo "== [1/3] environment -> $BASE-env.txt"
+echo "== [1/4] environment -> $BASE-env.txt"
 {
     echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -a)"
@@ -78,17 +83,26 @@ EOF
 } 2>&1 | tee "$BASE-env.txt"
 step "environment report" "${PIPESTATUS[0]}"
 
-echo "== [2/3] pytest -m gpu -q (timeout ${PYTEST_TIMEOUT}s) -> $BASE-pytest.log"
+echo "== [2/4] pytest -m gpu -q (timeout ${PYTEST_TIMEOUT}s) -> $BASE-pytest.log"
 timeout "$PYTEST_TIMEOUT" "$PY" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$BASE-pytest.log"
 rc=${PIPESTATUS[0]}
 # exit 5 = no test selected: not a failure of the GPU tier itself, but say so.
 if [ "$rc" -eq 5 ]; then SUMMARY+=("NOTE  pytest -m gpu selected no test"); rc=0; fi
 step "pytest -m gpu" "$rc"
 
-echo "== [3/3] slak-bench op --quick (timeout ${BENCH_TIMEOUT}s) -> $BASE.{json,csv,png}"
+echo "== [3/4] slak-bench op --quick (timeout ${BENCH_TIMEOUT}s) -> $BASE.{json,csv,png}"
 timeout "$BENCH_TIMEOUT" "$PY" -m slak_triton.bench.cli op --quick --measure-ceilings \
     --json "$BASE.json" --csv "$BASE.csv" --plot "$BASE.png" 2>&1 | tee "$BASE-bench.log"
 step "slak-bench op --quick" "${PIPESTATUS[0]}"
+
+if [ "$CANDIDATES_TIMEOUT" -gt 0 ]; then
+    echo "== [4/4] slak-bench candidates, stage 1 bf16 (timeout ${CANDIDATES_TIMEOUT}s) -> $BASE-candidates.json"
+    timeout "$CANDIDATES_TIMEOUT" "$PY" -m slak_triton.bench.cli candidates --stages 1 --kinds fwd,dx,dw \
+        --dtypes bf16 --densities 1.0 --no-progress --json "$BASE-candidates.json" 2>&1 | tee "$BASE-candidates.log"
+    step "slak-bench candidates (stage 1, bf16)" "${PIPESTATUS[0]}"
+else
+    SUMMARY+=("NOTE  slak-bench candidates skipped (GPU_CHECK_CANDIDATES_TIMEOUT=0)")
+fi
 
 ELAPSED=$(( $(date +%s) - START ))
 {
