@@ -28,7 +28,7 @@ import torch
 
 from slak_triton import LAUNCH_COUNTS
 from slak_triton.ops.compile_check import lk_derived_keys, spec_for
-from slak_triton.ops.lk_conv2d import launch_lk_conv2d_bwd_dw, launch_lk_conv2d_fwd, line_metadata
+from slak_triton.ops.lk_conv2d import device_arch, launch_lk_conv2d_bwd_dw, launch_lk_conv2d_fwd, line_metadata
 
 from .env import Progress, cuda_mode, time_fn
 
@@ -73,13 +73,6 @@ def cases(kinds: Sequence[str], shapes: Sequence[Tuple[int, int, int, int, int]]
             for k in kinds]
 
 
-def _arch(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
 def _line_masks(C: int, K: int, lines: int, tall: bool, gen: torch.Generator, device) -> Optional[torch.Tensor]:
     """A [C, K, 5] (tall) or [C, 5, K] (wide) 0/1 mask with ``lines`` random lines of 5 active per channel (None:
     all five)."""
@@ -95,7 +88,7 @@ def _configs(case: CandidateCase, device: torch.device) -> List[Tuple[dict, dict
     """(config as the plan names it, full config with any derived keys) of every autotune candidate of the call,
     as the launcher on ``device`` would build it (its compute capability picks the path)."""
     ls = spec_for(case.kind, case.N, case.C, case.H, case.W, (case.K, 5), (5, case.K), case.dtype,
-                  case.density < 1, arch=_arch(device))
+                  case.density < 1, arch=device_arch(device))
     out = []
     for c in ls.configs:
         full = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

@@ -788,7 +788,9 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
         live = live + (_line_on(t_act_ptr, c, J0 + l, KW, SPARSE),)
         accs = accs + (tl.zeros((BH, BH), dtype=tl.float32),)
     rows_b = tl.zeros((BH,), dtype=tl.float32)   # (BIAS 1 with SPLIT)
-    n_hi = _pass_end(live, n_start, n_stop, SPARSE and NL == 1 and BIAS != 1)
+    # a sparse pass of one line that sums no dy for the bias runs only if its line is active (no branch inside)
+    WHOLE: tl.constexpr = SPARSE and NL == 1 and BIAS != 1
+    n_hi = _pass_end(live, n_start, n_stop, WHOLE)
     row_in = ar_h < H
     # offsets inside a group of NB images from its first image (tall layout [BH, NB*BW]): loop-invariant
     off_d = cb[None, :] * sdn + ar_h[:, None] * sdh + cw[None, :] * sdw
@@ -817,7 +819,7 @@ def _dw_tall_pass(acc_b, x_c, d_c, t_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
             lag = DY_LAG and not SPARSE and s % 2 != 0
             xs = s - 1 if lag else s
             ones = BIAS == 2 and s == 0
-            if SPARSE and not (NL == 1 and BIAS != 1):   # (else the pass runs only if its line is active)
+            if SPARSE and not WHOLE:
                 if live[l]:   # (a runtime branch: the line loads its own x)
                     xt = _dw_tall_x(x_g, off_x, row_in, cw, img, W, sxw, ar_h, s, ones, DOT_UPCAST, BH)
                     p = _split_dots(dys, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), p, NP, True, DOT_PREC)
@@ -861,10 +863,11 @@ def _dw_wide_pass(acc_b, x_c, d_c, w_act_ptr, c, n_start, n_stop, H, W, sxn, sxh
         live = live + (_line_on(w_act_ptr, c, I0 + l, KH, SPARSE),)
         accs = accs + (tl.zeros((BW, BW), dtype=tl.float32),)
     rows_b = tl.zeros((rh.shape[0],), dtype=tl.float32)   # (BIAS 1 with SPLIT: NB * BH rows)
-    n_hi = _pass_end(live, n_start, n_stop, SPARSE and NL == 1 and BIAS != 1)
+    WHOLE: tl.constexpr = SPARSE and NL == 1 and BIAS != 1   # (as in ``_dw_tall_pass``)
+    n_hi = _pass_end(live, n_start, n_stop, WHOLE)
     flags = live
-    if SPARSE and NL == 1 and BIAS != 1:
-        flags = (True,)   # (the pass runs only if its line is active: no branch in the loop)
+    if WHOLE:
+        flags = (True,)
     col_in = ar_w < W
     # offsets inside a group of NB images from its first image (wide layout [NB*BH, BW]): loop-invariant
     off_d = rb[:, None] * sdn + rh[:, None] * sdh + ar_w[None, :] * sdw

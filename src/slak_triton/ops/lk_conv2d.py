@@ -575,8 +575,8 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                     DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         configs = lk_conv2d_plane_dw_split_configs(H, W) if split else lk_conv2d_plane_dw_configs()
-        return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel,
-                          _plane_dw_tuner(configs) if split else _plane_dw_autotuned, args, pointers, configs,
+        tuned = _tuner(lk_conv2d_plane_dw_kernel, configs, _PLANE_DW_KEY) if split else _plane_dw_autotuned
+        return LaunchSpec("lk_conv2d_plane_dw_kernel", "dw", lk_conv2d_plane_dw_kernel, tuned, args, pointers, configs,
                           lk_conv2d_plane_dw_default_config(H, W, eb, sparse_t or sparse_w), lambda meta: (C * splits,),
                           fp32_split_dw_passes(H, W, KW_T, KH_W) if split else ({},)), splits
     # tiled: enough programs to fill the GPU (about 4 per SM), never more than the work items of the smallest tile
@@ -591,7 +591,8 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                              num_stages=c.num_stages) for c in lk_conv2d_bwd_dw_configs()]
     default = lk_conv2d_bwd_dw_default_config(H, W, eb)
     default = dict(default, **_dw_derived({k: default[k] for k in ("BH", "BW")}, slots))
-    return LaunchSpec("lk_conv2d_bwd_dw_kernel", "dw", lk_conv2d_bwd_dw_kernel, _dw_tuner(slots, configs), args, pointers,
+    return LaunchSpec("lk_conv2d_bwd_dw_kernel", "dw", lk_conv2d_bwd_dw_kernel,
+                      _tuner(lk_conv2d_bwd_dw_kernel, configs, _TILED_DW_KEY), args, pointers,
                       configs, default, lambda meta: (C, splits)), splits
 
 
@@ -623,35 +624,26 @@ _plane_fwd_autotuned = triton.autotune(
 )(lk_conv2d_plane_fwd_kernel)
 
 _PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
-_plane_dw_autotuned = triton.autotune(configs=lk_conv2d_plane_dw_configs(), key=_PLANE_DW_KEY)(lk_conv2d_plane_dw_kernel)
-_PLANE_DW_TUNERS: dict = {}
+_TILED_DW_KEY = ["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T", "SPARSE_W"]
+_plane_dw_autotuned = triton.autotune(configs=lk_conv2d_plane_dw_configs(),
+                                      key=_PLANE_DW_KEY)(lk_conv2d_plane_dw_kernel)
+_TUNERS: dict = {}
 
 
-def _plane_dw_tuner(configs: list):
-    """One autotuner of the plane weight-gradient kernel per candidate list (the fp32 splits take a subset of
-    ``lk_conv2d_plane_dw_configs``, which depends on the plane size: ``lk_conv2d_plane_dw_split_configs``)."""
-    key = tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs)
-    if key not in _PLANE_DW_TUNERS:
-        _PLANE_DW_TUNERS[key] = triton.autotune(configs=configs, key=_PLANE_DW_KEY)(lk_conv2d_plane_dw_kernel)
-    return _PLANE_DW_TUNERS[key]
-
-_DW_TUNERS: dict = {}
+def _tuner(kernel, configs: list, key: List[str]):
+    """One autotuner of ``kernel`` per candidate list, made on first use: the tiled weight-gradient kernel bakes
+    its derived meta-parameters (window sizes, from the tile and the kernel sizes) into each config, as
+    torch.compile traces autotuners, not heuristics; the fp32 split plane weight gradient takes its own list
+    (``lk_conv2d_plane_dw_split_configs``, by plane size)."""
+    k = (kernel, tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs))
+    if k not in _TUNERS:
+        _TUNERS[k] = triton.autotune(configs=configs, key=key)(kernel)
+    return _TUNERS[k]
 
 
 def _dw_derived(cfg: dict, slots: dict) -> dict:
     both = dict(cfg, **slots)
     return {k: f(both) for k, f in lk_conv2d_bwd_dw_derived.items()}
-
-
-def _dw_tuner(slots: dict, configs: list):
-    """One autotuner of the tiled weight-gradient kernel per slot pattern: the derived meta-parameters (window
-    sizes) depend on the tile and the kernel sizes, so they are baked into each config (torch.compile traces
-    autotuners, not heuristics)."""
-    key = tuple(sorted(slots.items()))
-    if key not in _DW_TUNERS:
-        _DW_TUNERS[key] = triton.autotune(configs=configs, key=["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T",
-                                                                "SPARSE_W"])(lk_conv2d_bwd_dw_kernel)
-    return _DW_TUNERS[key]
 
 
 def launch_lk_conv2d_fwd(
@@ -685,7 +677,7 @@ def launch_lk_conv2d_fwd(
         sparse_t=sparse_t is not None, sparse_w=sparse_w is not None,
         items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
-        interpreter=interpreter_active(), arch=_arch(x.device))
+        interpreter=interpreter_active(), arch=device_arch(x.device))
     tensors = dict(x=x, y=out, wt=wt, ww=ww, bias=bias, dummy=x)
     if "wt_split" in spec.pointers.values():
         tensors["wt_split"] = bf16_splits(wt)
@@ -710,7 +702,7 @@ def _new_empty(*shape: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> int:
+def device_arch(device: torch.device) -> int:
     """The compute capability of ``device`` as 10 * major + minor (90: Hopper); 0 off a GPU."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -763,7 +755,7 @@ def launch_lk_conv2d_bwd_dw(
         sparse_t=sparse_t is not None, sparse_w=sparse_w is not None,
         items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
-        sms=_num_sms(dev), interpreter=interpreter_active(), arch=_arch(dev))
+        sms=_num_sms(dev), interpreter=interpreter_active(), arch=device_arch(dev))
     dwt = _new_empty(n_splits, C, KH_T, KW_T, device=dev) if KH_T else None
     dww = _new_empty(n_splits, C, KH_W, KW_W, device=dev) if KH_W else None
     db = _new_empty(n_splits, C, device=dev) if need_bias else None
