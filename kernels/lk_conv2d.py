@@ -377,6 +377,27 @@ def lk_conv2d_plane_dw_split_configs(H, W):
         [triton.Config({"NB": nb, "LG": lg}, num_warps=w, num_stages=1) for nb, lg, w in extra]
 
 
+def lk_conv2d_plane_dw_stack_configs(H, W, split=False):
+    """Autotune candidates of the stacked weight-gradient kernel (``lk_conv2d_plane_dw_stack_kernel``): NB images
+    per tl.dot, warps. The static model's best (bench/NOTES.md): one image per dot on 32-padded planes, four on
+    16-padded ones, 4 warps. fp32 as bf16 splits (three parts of every operand): one or two images per dot on 4
+    warps (more spill kilobytes on 32-padded planes), and on 16-padded planes one on 2 warps (the model's best
+    there)."""
+    if split:
+        shapes = [(1, 4), (2, 4)] + ([(1, 2)] if max(H, W) <= 16 else [])
+    else:
+        shapes = [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8)]
+    return [triton.Config({"NB": nb}, num_warps=w, num_stages=1) for nb, w in shapes]
+
+
+def lk_conv2d_plane_dw_stack_default_config(H, W, elem_bytes=2):
+    """The stacked weight-gradient kernel's config where autotuning is off: the static model's best per plane
+    size, spill-free for sm_80 and sm_90 (compile check); fp32 (bf16 splits): one image per dot."""
+    if max(H, W) > 16 or elem_bytes == 4:
+        return {"NB": 1, "num_warps": 4, "num_stages": 1}
+    return {"NB": 4, "num_warps": 4, "num_stages": 1}
+
+
 def lk_conv2d_plane_dw_default_config(H, W, elem_bytes=2, sparse=False):
     """The plane weight-gradient kernel's config where autotuning is off (bench/NOTES.md), the largest LG that
     compiles spill-free for sm_80 and sm_90 (triton 3.6 to 3.8): on 64-padded planes 2 lines per pass (LG [64, 64]
@@ -1008,6 +1029,183 @@ def lk_conv2d_plane_dw_kernel(
                                or (BIAS_W == 1 and i0 == 0) else 0, DOT_PREC=DOT_PREC, DOT_UPCAST=DOT_UPCAST, BW=BW, NB=NB, KP=KPW, SPLIT=SPLIT)
     if HAS_BIAS:
         tl.store(db_ptr + out_c, tl.sum(tl.sum(acc_bt, axis=1), axis=0) + tl.sum(tl.sum(acc_bw, axis=1), axis=0))
+
+
+@triton.jit
+def _stacked_diagonal_sums(acc, limit, L: tl.constexpr, KP: tl.constexpr, OFF: tl.constexpr):
+    """g [L, KP]: g[l, k] = sum_{h < limit} acc[l * B + h + k - OFF, h] over rows h + k - OFF in [0, limit): the tap
+    gradients of L lines from their correlation matrices stacked along the rows of acc [L * B (line, input row or
+    column r), B (output row or column h)] (``_diagonal_sums`` of each block, transposed)."""
+    B: tl.constexpr = acc.shape[1]
+    p = tl.permute(tl.reshape(acc, (L, B, B)), (0, 2, 1))        # [l, h, r]
+    h = tl.arange(0, B)[None, :, None]
+    r = h + tl.arange(0, KP)[None, None, :] - OFF + tl.zeros((L, 1, 1), dtype=tl.int32)
+    ok = (r >= 0) & (r < limit) & (h < limit)
+    g = tl.gather(p, tl.minimum(tl.maximum(r, 0), B - 1), axis=2)
+    return tl.sum(tl.where(ok, g, 0.0), axis=1)
+
+
+@triton.jit
+def _stack_store(dw_c, g, L0: tl.constexpr, STEP: tl.constexpr, NL: tl.constexpr, LINES: tl.constexpr,
+                 TAPS: tl.constexpr, TALL: tl.constexpr):
+    """Writes g [L, KP] (``_stacked_diagonal_sums``): row l is line L0 + STEP * l of a slot of LINES lines of TAPS
+    taps each (dw_c [TAPS, LINES] when TALL, else [LINES, TAPS]); rows past NL lines or past LINES are dropped."""
+    ll = tl.arange(0, g.shape[0])
+    kk = tl.arange(0, g.shape[1])
+    line = L0 + STEP * ll
+    ok = ((ll < NL) & (line < LINES))[:, None] & (kk < TAPS)[None, :]
+    if TALL:
+        tl.store(dw_c + kk[None, :] * LINES + line[:, None], g, mask=ok)
+    else:
+        tl.store(dw_c + line[:, None] * TAPS + kk[None, :], g, mask=ok)
+
+
+@triton.jit
+def lk_conv2d_plane_dw_stack_kernel(
+    # ---- pointers ----
+    x_ptr,        # [N, C, H, W] forward input (16-bit), any strides
+    dy_ptr,       # [N, C, H, W] output gradient, any strides
+    dwt_ptr,      # [S, C, KH_T, KW_T] fp32 partial tall gradients, one slice per image group (contiguous)
+    dww_ptr,      # [S, C, KH_W, KW_W] fp32 partial wide gradients (contiguous)
+    db_ptr,       # [S, C] fp32 partial bias gradients (HAS_BIAS only)
+    # ---- sizes ----
+    N, C, H, W,
+    imgs_per_prog,  # images per program; S = cdiv(N, imgs_per_prog)
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,   # odd; (0, 0): slot absent
+    HAS_BIAS: tl.constexpr,
+    ALIGN: tl.constexpr, WIDE_IDX: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    # (as in lk_conv2d_plane_dw_kernel)
+    BH: tl.constexpr, BW: tl.constexpr,   # plane_pad(H), plane_pad(W); W < BW when KW_T > 1 (the lagged dy)
+    TS: tl.constexpr,     # tall slots: next_power_of_2(KW_T // 2 + 1) (1 when absent)
+    WL0: tl.constexpr,    # wide lines in the first stack: the largest power of two <= KH_W (1 when absent)
+    WL1: tl.constexpr,    # slots of the second wide stack (the remaining KH_W - WL0 lines, padded; 0: none)
+    KPT: tl.constexpr, KPW: tl.constexpr,   # next_power_of_2 of the taps per tall / wide line (1 when absent)
+    NB: tl.constexpr,     # images per tl.dot (along its K dimension)
+    SPLIT: tl.constexpr = False,  # fp32 as bf16 splits: x and dy as three bf16 parts each (exact), the six
+                                  # products with a + b <= 2 of every stack summed in fp32
+):
+    """Dense weight (and bias) gradients of one channel over one group of images, with the lines of a slot
+    stacked along the M dimension of one product per image group (Grid: (C * S,)).
+
+    ``lk_conv2d_plane_dw_kernel`` makes one [B, B] product per line and image group; on 16- and 32-padded planes
+    those are too small for Hopper's wgmma (M >= 64) and each line reloads its shifted operand. Here:
+    * tall: x at the even column shifts e = -KW_T//2, -KW_T//2 + 2, ... (TS slots of BH rows) is one A operand
+      [TS*BH, NB*BW] (one load: every shift of one parity keeps the loads' alignment); A @ DY^T gives the lines of
+      even offset from the first, A @ DYL^T, with dy lagged by one column (dy[h, w - 1]), those of odd offset:
+      sum_w x[r, w + e] dy[h, w - 1] = sum_w x[r, w + e + 1] dy[h, w] (the lag moves column W - 1 into the
+      padding column W, so W < BW). Two products per image group for all the tall lines.
+    * wide: x at the row shifts of WL0 lines (then of the remaining ones), transposed, is the A operand
+      [WL0*BW, NB*BH] of one product with DY [NB*BH, BW] (row shifts keep the alignment).
+    * bias: a spare tall slot (TS > KW_T // 2 + 1) holds ones, so its products sum dy; else the dy tiles are
+      summed in registers.
+    Accumulated over the group's images in fp32; the diagonal sums of each line's block once per program; each
+    program writes its own partials (deterministic, summed by the host in a fixed order)."""
+    c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
+    sxn, sxc, sxh = _aligned_strides(sxn, sxc, sxh, ALIGN)
+    sdn, sdc, sdh = _aligned_strides(sdn, sdc, sdh, ALIGN)
+    W = _aligned(W, ALIGN)
+    TALL: tl.constexpr = KW_T > 0
+    WIDE: tl.constexpr = KH_W > 0
+    HT: tl.constexpr = KW_T // 2
+    ODD: tl.constexpr = KW_T > 1                  # tall lines of odd offset from the first exist
+    ONES: tl.constexpr = HAS_BIAS and TALL and TS > HT + 1    # a spare tall slot (the last) sums dy
+    SUM_DY: tl.constexpr = HAS_BIAS and not ONES
+    NP: tl.constexpr = 3 if SPLIT else 1          # parts per operand
+    # tall stack [TS*BH (slot e, input row r), NB*BW (image b, column w)]; DY^T [NB*BW, BH]
+    k = tl.arange(0, NB * BW)
+    kb = k // BW
+    kw = k % BW
+    q = tl.arange(0, TS * BH)
+    qe = q // BH
+    qr = q % BH
+    ar_h = tl.arange(0, BH)
+    # wide stacks [WL*BW (line l, input column w'), NB*BH (image b, row h)]; DY [NB*BH, BW]
+    m = tl.arange(0, NB * BH)
+    mb = m // BH
+    mh = m % BH
+    p0 = tl.arange(0, WL0 * BW)
+    p1 = tl.arange(0, max(WL1, 1) * BW)
+    ar_w = tl.arange(0, BW)
+    if WIDE_IDX:
+        k, kb, kw, q, qe, qr, ar_h = k.to(tl.int64), kb.to(tl.int64), kw.to(tl.int64), q.to(tl.int64), \
+            qe.to(tl.int64), qr.to(tl.int64), ar_h.to(tl.int64)
+        m, mb, mh, p0, p1, ar_w = m.to(tl.int64), mb.to(tl.int64), mh.to(tl.int64), p0.to(tl.int64), \
+            p1.to(tl.int64), ar_w.to(tl.int64)
+    c64 = c.to(tl.int64)
+    x_c = x_ptr + c64 * sxc
+    d_c = dy_ptr + c64 * sdc
+    # loop-invariant offsets inside a group of NB images, and the masks that do not depend on the images
+    sh = 2 * qe - HT                                              # each tall slot's column shift
+    cols = kw[None, :] + sh[:, None]
+    off_a = kb[None, :] * sxn + qr[:, None] * sxh + cols * sxw
+    in_a = (qr < H)[:, None] & ((cols >= 0) & (cols < W) & (sh <= HT)[:, None])
+    ones_a = tl.where((qe == TS - 1)[:, None] & (kw >= 0)[None, :], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+    off_dt = kb[:, None] * sdn + ar_h[None, :] * sdh + kw[:, None] * sdw
+    off_dw = mb[:, None] * sdn + mh[:, None] * sdh + ar_w[None, :] * sdw
+    rows0 = mh[None, :] + (p0 // BW - KH_W // 2)[:, None]
+    off_w0 = mb[None, :] * sxn + rows0 * sxh + (p0 % BW)[:, None] * sxw
+    in_w0 = ((p0 % BW) < W)[:, None] & (rows0 >= 0) & (rows0 < H)
+    rows1 = mh[None, :] + (WL0 + p1 // BW - KH_W // 2)[:, None]
+    off_w1 = mb[None, :] * sxn + rows1 * sxh + (p1 % BW)[:, None] * sxw
+    in_w1 = ((p1 % BW) < W)[:, None] & ((WL0 + p1 // BW) < KH_W)[:, None] & (rows1 >= 0) & (rows1 < H)
+
+    acc_e = tl.zeros((TS * BH, BH), dtype=tl.float32)       # tall lines 0, 2, 4, ... (and the ones slot)
+    acc_o = tl.zeros((TS * BH, BH), dtype=tl.float32)       # tall lines 1, 3, ...
+    acc_w0 = tl.zeros((WL0 * BW, BW), dtype=tl.float32)
+    acc_w1 = tl.zeros((max(WL1, 1) * BW, BW), dtype=tl.float32)
+    acc_b = tl.zeros((NB * BW, BH) if SUM_DY and TALL else (NB * BH, BW) if SUM_DY else (1, 1), dtype=tl.float32)
+    for n0 in range(n_start, n_stop, NB):
+        d_g = d_c + n0 * sdn      # n0 is int64
+        x_g = x_c + n0 * sxn
+        if TALL:
+            img = (n0 + kb) < n_stop
+            dyt = tl.load(d_g + off_dt, mask=(img & (kw < W))[:, None] & (ar_h < H)[None, :], other=0.0)
+            if SUM_DY:
+                acc_b += dyt.to(tl.float32)
+            if ONES:
+                a = tl.load(x_g + off_a, mask=in_a & img[None, :], other=ones_a)
+            else:
+                a = tl.load(x_g + off_a, mask=in_a & img[None, :], other=0.0)
+            a = _operand_parts(a, NP, SPLIT, DOT_UPCAST)
+            acc_e = _split_dots(a, _operand_parts(dyt, NP, SPLIT, DOT_UPCAST), acc_e, NP, False, DOT_PREC)
+            if ODD:
+                dyl = tl.load(d_g + off_dt - sdw, mask=(img & (kw >= 1) & (kw <= W))[:, None] & (ar_h < H)[None, :],
+                              other=0.0)
+                acc_o = _split_dots(a, _operand_parts(dyl, NP, SPLIT, DOT_UPCAST), acc_o, NP, False, DOT_PREC)
+        if WIDE:
+            img = (n0 + mb) < n_stop
+            dyw = tl.load(d_g + off_dw, mask=(img & (mh < H))[:, None] & (ar_w < W)[None, :], other=0.0)
+            if SUM_DY and not TALL:
+                acc_b += dyw.to(tl.float32)
+            dyw = _operand_parts(dyw, NP, SPLIT, DOT_UPCAST)
+            a0 = tl.load(x_g + off_w0, mask=in_w0 & img[None, :], other=0.0)
+            acc_w0 = _split_dots(_operand_parts(a0, NP, SPLIT, DOT_UPCAST), dyw, acc_w0, NP, False, DOT_PREC)
+            if WL1 > 0:
+                a1 = tl.load(x_g + off_w1, mask=in_w1 & img[None, :], other=0.0)
+                acc_w1 = _split_dots(_operand_parts(a1, NP, SPLIT, DOT_UPCAST), dyw, acc_w1, NP, False, DOT_PREC)
+
+    out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
+    if TALL:
+        dwt_c = dwt_ptr + out_c * (KH_T * KW_T)
+        # even slot e is line 2e (the ones slot, if any, lies past the last line); odd slot e is line 2e + 1
+        _stack_store(dwt_c, _stacked_diagonal_sums(acc_e, H, TS, KPT, KH_T // 2), 0, 2, HT + 1, KW_T, KH_T, True)
+        if ODD:
+            _stack_store(dwt_c, _stacked_diagonal_sums(acc_o, H, TS, KPT, KH_T // 2), 1, 2, HT, KW_T, KH_T, True)
+    if WIDE:
+        dww_c = dww_ptr + out_c * (KH_W * KW_W)
+        _stack_store(dww_c, _stacked_diagonal_sums(acc_w0, W, WL0, KPW, KW_W // 2), 0, 1, WL0, KH_W, KW_W, False)
+        if WL1 > 0:
+            _stack_store(dww_c, _stacked_diagonal_sums(acc_w1, W, WL1, KPW, KW_W // 2), WL0, 1, KH_W - WL0, KH_W,
+                         KW_W, False)
+    if ONES:   # any row of the ones slot holds the dy sums of every output row h
+        db = tl.sum(tl.sum(tl.where((tl.arange(0, TS * BH) == (TS - 1) * BH)[:, None], acc_e, 0.0), axis=1), axis=0)
+        tl.store(db_ptr + out_c, db)
+    if SUM_DY:
+        tl.store(db_ptr + out_c, tl.sum(tl.sum(acc_b, axis=1), axis=0))
 
 
 def lk_conv2d_bwd_dw_configs():

@@ -468,11 +468,16 @@ def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG, dy_strided=False, max_rel_
     dtype, (N, C, H, W) = x.dtype, x.shape
     dy = torch.randn(N, 2 * C, H, W, device=DEV).to(dtype)[:, 1::2] if dy_strided else torch.randn_like(x)
     assert (dy.stride() != x.stride()) == dy_strided
-    with TritonRan("lk_conv2d_plane_dw_kernel"):
-        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]),
-                                                    None if ww is None else tuple(ww.shape[1:]), True,
-                                                    sparse_t=meta_t, sparse_w=meta_w,
-                                                    config=dict(NB=NB, LG=LG, num_warps=4, num_stages=1))
+    old_stack = op_mod.PLANE_DW_STACK_MAX
+    op_mod.PLANE_DW_STACK_MAX = 0    # the per-line kernel even where a dense call would stack the lines
+    try:
+        with TritonRan("lk_conv2d_plane_dw_kernel"):
+            gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]),
+                                                        None if ww is None else tuple(ww.shape[1:]), True,
+                                                        sparse_t=meta_t, sparse_w=meta_w,
+                                                        config=dict(NB=NB, LG=LG, num_warps=4, num_stages=1))
+    finally:
+        op_mod.PLANE_DW_STACK_MAX = old_stack
     wd = [w.detach().double().requires_grad_(True) for w in (wt, ww) if w is not None]
     bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
     lk_conv2d_reference(x.double(), [w[:, None] for w in wd], bd).backward(dy.double())
@@ -593,6 +598,50 @@ def test_plane_dw_bias_gradient_once(H, W, LG, centre_on):
     assert bool(meta_t[0][:, 2].all()) == centre_on
     wt, ww = op_mod.fold_branches(ws, ms)
     check_plane_dw(x, wt, ww, meta_t, meta_w, NB=1, LG=LG)
+
+
+@pytest.mark.parametrize("dtype, N, H, W, tall, wide, NB, layout", [
+    # SLaK's slots on a 16-padded plane: even shifts -2, 0, 2 and a spare tall slot that sums dy for the bias
+    (torch.bfloat16, 5, 14, 13, (15, 5), (5, 15), 2, "contiguous"),   # N not a multiple of NB
+    (torch.float16, 3, 14, 13, (15, 5), (5, 15), 4, "channels_last"),  # one dot's last image missing
+    (torch.bfloat16, 2, 28, 27, (31, 5), (5, 31), 1, "strided"),      # 32-padded (SLaK-T stage 2's padding)
+    (torch.float16, 3, 15, 14, (9, 3), (3, 9), 1, "contiguous"),      # two tall slots, no spare: dy summed
+    (torch.bfloat16, 4, 13, 15, (7, 7), None, 4, "contiguous"),        # shifts -3..3 in 4 slots; tall only
+    (torch.float16, 3, 14, 13, None, (3, 11), 2, "channels_last"),    # wide only: 2 + 1 lines (2 slots)
+    (torch.bfloat16, 3, 14, 14, (9, 1), (1, 9), 2, "contiguous"),     # one line per slot: no odd product
+    # fp32 as bf16 splits (six products per stack): 16-padded, and 32-padded (sm_90's limit, raised here)
+    (torch.float32, 3, 14, 13, (15, 5), (5, 15), 2, "channels_last"),
+    (torch.float32, 2, 28, 27, (9, 3), (3, 9), 1, "contiguous"),
+])
+def test_plane_dw_stack_matches_float64(dtype, N, H, W, tall, wide, NB, layout, monkeypatch):
+    """The stacked weight-gradient kernel (dense, planes padded to 32 and less): every line of a slot in one
+    product per image group, odd tall offsets from dy lagged by one column, the bias from a ones slot or from dy;
+    slot and bias gradients match float64 autograd, over programs of several images, any layout."""
+    split = dtype == torch.float32
+    monkeypatch.setattr(op_mod, "PLANE_DW_STACK_SPLIT_MAX", 32)    # (as on sm_90)
+    assert op_mod.use_fp32_split(H, W, dtype, weight_grad=True) == split
+    assert op_mod.use_plane_dw_stack(H, W, tall[1] if tall else 0, wide[0] if wide else 0, split)
+    torch.manual_seed(N * 100 + H * 10 + W)
+    C = 2
+    x = make_layout(torch.randn(N, C, H, W, device=DEV).to(dtype), layout)
+    dy = make_layout(torch.randn(N, C, H, W, device=DEV).to(dtype), "strided" if layout == "contiguous" else layout)
+    assert op_mod.plane_dw_images_per_program(N, C, op_mod._num_sms(x.device)) < N or ON_GPU   # several programs
+    with TritonRan("lk_conv2d_plane_dw_stack_kernel"):
+        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tall, wide, True,
+                                                    config=dict(NB=NB, num_warps=4, num_stages=1))
+    shapes = [s for s in (tall, wide) if s is not None]
+    wd = [torch.zeros(C, 1, *s, dtype=torch.float64, device=DEV, requires_grad=True) for s in shapes]
+    bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
+    lk_conv2d_reference(x.double(), wd, bd).backward(dy.double())
+    got = [g for g in (gt, gw) if g is not None]
+    assert (gt is None) == (tall is None) and (gw is None) == (wide is None)
+    for g, w, what in zip(got, wd, ("dW tall", "dW wide")):
+        # fp32 accumulation of exact products of the same 16-bit inputs (of the exact bf16 parts of fp32 ones):
+        # only the final rounding differs
+        assert_close(g, w.grad[:, 0], dtype, 1, what)
+        assert rel_l2(g, w.grad[:, 0]) <= SPLIT_REL_L2, f"{what}: relative L2 error {rel_l2(g, w.grad[:, 0]):.2e}"
+    assert_close(gb, bd.grad, dtype, 1, "db")
+    assert rel_l2(gb, bd.grad) <= SPLIT_REL_L2
 
 
 @pytest.mark.parametrize("dtype, H, W", [(torch.bfloat16, 9, 14), (torch.float32, 20, 30)])

@@ -49,10 +49,10 @@ SLOT_PATTERNS = [
     ("square", (7, 7), (0, 0)),     # one square branch (e.g. a converted ConvNeXt dwconv)
     ("wide_only", (0, 0), (3, 31)),
 ]
-#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2; fp32 only:
-#: the largest planes its bf16 splits run on) and a 16-padded one (stage 4), and the tiled kernels on a plane
-#: larger than ``PLANE_MAX``.
-PLANES = [(56, 56), (28, 28), (7, 7), (96, 96)]
+#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2) and 16-padded
+#: ones (stages 3 and 4; the 16-bit weight gradient takes the stacked kernel at stages 2 and 3, the per-line one
+#: with packed images at stage 4), and the tiled kernels on a plane larger than ``PLANE_MAX``.
+PLANES = [(56, 56), (28, 28), (14, 14), (7, 7), (96, 96)]
 
 
 @dataclasses.dataclass
@@ -152,9 +152,9 @@ def specializations(arch: int = 90) -> List[Spec]:
             for H, W in PLANES:
                 if name != "slak51" and (H, W) == (96, 96) and dtype != "float32":
                     continue   # the tiled kernels' slot patterns are covered by slak51 and fp32
-                if (H, W) == (28, 28) and dtype != "float32":
-                    continue
                 for kind in ("fwd", "dx", "dw"):
+                    if (H, W) in ((28, 28), (14, 14)) and dtype != "float32" and kind != "dw":
+                        continue   # (the 16-bit forward's plane sizes are covered by 56x56 and 7x7)
                     for sparse in (False, True):
                         ls = spec_for(kind, 2, 3, H, W, tall, wide, dtype, sparse, arch=arch)
                         cfg = dict(ls.default)
@@ -201,6 +201,11 @@ def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: i
         per = [min(img, N - g * img) for g in range(groups)]      # images of each program's group
         return {f"{name}.n0": sum(math.ceil(p / cfg["NB"]) for p in per) / groups,
                 f"{name}._t": lines, f"{name}._w": lines}
+    if name == "lk_conv2d_plane_dw_stack_kernel":
+        img = ls.args["imgs_per_prog"]
+        groups = math.ceil(N / img)
+        per = [min(img, N - g * img) for g in range(groups)]
+        return {f"{name}.n0": sum(math.ceil(p / cfg["NB"]) for p in per) / groups}
     if name == "lk_conv2d_plane_dw_kernel":
         img = ls.args["imgs_per_prog"]
         groups = math.ceil(N / img)

@@ -38,6 +38,9 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_plane_dw_default_config,
     lk_conv2d_plane_dw_kernel,
     lk_conv2d_plane_dw_split_configs,
+    lk_conv2d_plane_dw_stack_configs,
+    lk_conv2d_plane_dw_stack_default_config,
+    lk_conv2d_plane_dw_stack_kernel,
     lk_conv2d_plane_fwd_kernel,
     plane_pad,
 )
@@ -449,6 +452,41 @@ def _plane_wide_idx(plane: Tuple[int, int], *strides: Sequence[int]) -> bool:
         any(_wide_idx(plane, st) for st in strides)
 
 
+#: The dense 16-bit weight gradient stacks a slot's lines (``lk_conv2d_plane_dw_stack_kernel``) on planes padded
+#: to this size and less: on 64-padded ones its stacked operands spill (the per-line kernel runs there).
+PLANE_DW_STACK_MAX = 32
+#: The same for fp32 as bf16 splits (three parts of every operand): on 32-padded planes it spills for sm_80
+#: (16-48 bytes, 4 or 8 warps), not for sm_90.
+PLANE_DW_STACK_SPLIT_MAX = 16
+PLANE_DW_STACK_SPLIT_MAX_SM90 = 32
+
+
+def use_plane_dw_stack(H: int, W: int, lines_t: int, lines_w: int, split: bool = False, arch: int = 0) -> bool:
+    """Whether a dense weight gradient on the plane kernels (16-bit, or fp32 as bf16 splits) takes
+    ``lk_conv2d_plane_dw_stack_kernel`` (a slot's lines stacked along M of one product per image group): planes
+    padded to ``PLANE_DW_STACK_MAX`` and less (SLaK-T stages 2 and 3), a padding column for the lagged dy where the
+    tall slot has lines of odd offset (W < BW), odd line counts (centred kernels), and no image packing
+    (``plane_dw_pack``: 7x7 planes, where the per-line kernel packs 9 images per dot). ``split``: fp32 as bf16
+    splits, up to ``PLANE_DW_STACK_SPLIT_MAX`` (``PLANE_DW_STACK_SPLIT_MAX_SM90`` on ``arch`` 90)."""
+    bh, bw = plane_pad(H), plane_pad(W)
+    odd = all(n == 0 or n % 2 == 1 for n in (lines_t, lines_w))
+    packed = plane_dw_pack(W) or plane_dw_pack(H)
+    limit = PLANE_DW_STACK_MAX
+    if split:
+        limit = min(limit, max(PLANE_DW_STACK_SPLIT_MAX, PLANE_DW_STACK_SPLIT_MAX_SM90 if arch == 90 else 0))
+    return max(bh, bw) <= limit and (lines_t <= 1 or W < bw) and odd and not packed
+
+
+def plane_dw_stack_slots(lines_t: int, lines_w: int) -> dict:
+    """The stacked weight-gradient kernel's slots: TS tall slots (the even column shifts -lines_t // 2, ..., padded
+    to a power of two), WL0 wide lines in its first stack (the largest power of two <= lines_w) and WL1 slots in
+    its second (the rest, padded to a power of two, at least 2; 0 when none)."""
+    ts = triton.next_power_of_2(lines_t // 2 + 1) if lines_t else 1
+    wl0 = 1 << (lines_w.bit_length() - 1) if lines_w else 1
+    rest = lines_w - wl0 if lines_w else 0
+    return dict(TS=ts, WL0=wl0, WL1=max(2, triton.next_power_of_2(rest)) if rest else 0)
+
+
 def plane_dw_pack(n: int) -> bool:
     """Whether the plane weight-gradient kernel packs images at the plane's own size n (W for its tall passes, H for
     its wide passes) along the K dimension of its dots instead of at the padded size: where that fits more images
@@ -567,6 +605,19 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
+        if not (sparse_t or sparse_w) and use_plane_dw_stack(H, W, KW_T, KH_W, split, arch):
+            args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
+                        ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H), BW=plane_pad(W),
+                        **plane_dw_stack_slots(KW_T, KH_W), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
+                        KPW=triton.next_power_of_2(KW_W) if KW_W else 1, SPLIT=split,
+                        DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
+            for k in ("SPARSE_T", "SPARSE_W"):
+                del args[k]
+            configs = lk_conv2d_plane_dw_stack_configs(H, W, split)
+            return LaunchSpec("lk_conv2d_plane_dw_stack_kernel", "dw", lk_conv2d_plane_dw_stack_kernel,
+                              _tuner(lk_conv2d_plane_dw_stack_kernel, configs, _PLANE_DW_STACK_KEY), args, pointers,
+                              configs, lk_conv2d_plane_dw_stack_default_config(H, W, eb),
+                              lambda meta: (C * splits,)), splits
         args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
                     ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
                     BW=plane_pad(W), H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W),
@@ -625,6 +676,7 @@ _plane_fwd_autotuned = triton.autotune(
 
 _PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
 _TILED_DW_KEY = ["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T", "SPARSE_W"]
+_PLANE_DW_STACK_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "ALIGN"]
 _plane_dw_autotuned = triton.autotune(configs=lk_conv2d_plane_dw_configs(),
                                       key=_PLANE_DW_KEY)(lk_conv2d_plane_dw_kernel)
 _TUNERS: dict = {}
