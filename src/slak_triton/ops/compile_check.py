@@ -169,12 +169,12 @@ def specializations(arch: int = 90) -> List[Spec]:
 
 def autotune_specializations(arch: int = 90) -> List[Spec]:
     """Every autotune config of every kernel at SLaK-T stage 1 and stage 4 (batch 64, dense, forward and weight
-    gradient), per dtype: the autotuner may launch any of them on a GPU, so each must compile (spills are
-    reported, not fatal: the autotuner times them)."""
+    gradient) and of the stacked weight gradient at stages 2 and 3, per dtype: the autotuner may launch any of them
+    on a GPU, so each must compile (spills are reported, not fatal: the autotuner times them)."""
     specs = []
     for dtype in ("float16", "bfloat16", "float32"):
-        for H, K, C in ((56, 51, 124), (7, 13, 998)):
-            for kind in ("fwd", "dw"):
+        for H, K, C in ((56, 51, 124), (28, 49, 249), (14, 47, 499), (7, 13, 998)):
+            for kind in (("fwd", "dw") if H in (56, 7) else ("dw",)):
                 ls = spec_for(kind, 64, C, H, H, (K, 5), (5, K), dtype, False, arch=arch)
                 for c in ls.configs:
                     cfg = _config_dict(c)
@@ -316,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sass", action="store_true", help="also count matrix/FMA/load instructions")
     ap.add_argument("--filter", default="", help="substring of the label ('kernel dtype pattern plane kind ...')")
     ap.add_argument("--autotune-configs", action="store_true",
-                    help="compile every autotune config (SLaK-T stages 1 and 4) instead of the default "
+                    help="compile every autotune config (SLaK-T stages 1 and 4; the stacked weight gradient at 2 and 3) instead of the default "
                          "specializations; spills are reported but only compile failures fail")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
