@@ -1143,6 +1143,7 @@ def lk_conv2d_plane_dw_stack_kernel(
     cols = kw[None, :] + sh[:, None]
     off_a = kb[None, :] * sxn + qr[:, None] * sxh + cols * sxw
     in_a = (qr < H)[:, None] & ((cols >= 0) & (cols < W) & (sh <= HT)[:, None])
+    # (1 in the spare slot's rows: the masked loads' value there)
     ones_a = tl.where((qe == TS - 1)[:, None] & (kw >= 0)[None, :], 1.0, 0.0).to(x_ptr.dtype.element_ty)
     off_dt = kb[:, None] * sdn + ar_h[None, :] * sdh + kw[:, None] * sdw
     off_dw = mb[:, None] * sdn + mh[:, None] * sdh + ar_w[None, :] * sdw

@@ -316,8 +316,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--sass", action="store_true", help="also count matrix/FMA/load instructions")
     ap.add_argument("--filter", default="", help="substring of the label ('kernel dtype pattern plane kind ...')")
     ap.add_argument("--autotune-configs", action="store_true",
-                    help="compile every autotune config (SLaK-T stages 1 and 4; the stacked weight gradient at 2 and 3) instead of the default "
-                         "specializations; spills are reported but only compile failures fail")
+                    help="compile every autotune config (SLaK-T stages 1 and 4; the stacked weight gradient at 2 "
+                         "and 3) instead of the default specializations; spills are reported but only compile "
+                         "failures fail")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (kernels must be compiled, not interpreted)", file=sys.stderr)
