@@ -207,6 +207,20 @@ def test_cli_op_cpu_mode_writes_well_formed_records(tmp_path, capsys):
     assert len(rows) == len(recs) and REQUIRED <= set(rows[0])
 
 
+def test_cli_candidates_stacked_weight_gradient_matches_the_launch_plan(tmp_path):
+    """On a plane where the dense weight gradient stacks its lines (``lk_conv2d_plane_dw_stack_kernel``), the
+    records of ``slak-bench candidates`` match the launch plan's candidates, and the plan lists that kernel."""
+    out = tmp_path / "cand.json"
+    rc = main(["candidates", "--shape", "2,2,14,13,7", "--kinds", "dw", "--dtypes", "bf16", "--densities", "1.0",
+               "--limit", "2", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    recs = json.loads(out.read_text())["records"]
+    plans = launch_plans("dw", 2, 2, 14, 13, 7, "bfloat16", 1.0)
+    assert [p["launches"][0]["kernel"].__name__ for p in plans] == ["lk_conv2d_plane_dw_stack_kernel"] * len(plans)
+    assert len(recs) == 2 and [r["config"] for r in recs] == [p["config"] for p in plans[:2]]
+    assert all(r["launches"] == 1 and math.isfinite(r["ms"]) and r["ms"] > 0 for r in recs)
+
+
 def test_cli_candidates_records_match_the_launch_plan(tmp_path, capsys, monkeypatch):
     """``slak-bench candidates`` (CPU mode: the kernels under the interpreter) writes one record per op call and
     candidate whose config is a candidate of ``launch_plans`` for the same call, with the number of launches the plan
