@@ -1115,6 +1115,9 @@ def lk_conv2d_plane_dw_stack_kernel(
     ONES: tl.constexpr = HAS_BIAS and TALL and TS > HT + 1    # a spare tall slot (the last) sums dy
     SUM_DY: tl.constexpr = HAS_BIAS and not ONES
     NP: tl.constexpr = 3 if SPLIT else 1          # parts per operand
+    # the wide slot's DY as the tall slot's DY^T transposed (one image per dot); not for fp32 splits on 32-padded
+    # planes, where the longer-lived tile spills inside the image loop under triton 3.8 (96 bytes)
+    DY_T: tl.constexpr = NB == 1 and TALL and not (SPLIT and BH > 16)
     # tall stack [TS*BH (slot e, input row r), NB*BW (image b, column w)]; DY^T [NB*BW, BH]
     k = tl.arange(0, NB * BW)
     kb = k // BW
@@ -1179,9 +1182,12 @@ def lk_conv2d_plane_dw_stack_kernel(
                 acc_o = _split_dots(a, _operand_parts(dyl, NP, SPLIT, DOT_UPCAST), acc_o, NP, False, DOT_PREC)
         if WIDE:
             img = (n0 + mb) < n_stop
-            dyw = tl.load(d_g + off_dw, mask=(img & (mh < H))[:, None] & (ar_w < W)[None, :], other=0.0)
-            if SUM_DY and not TALL:
-                acc_b += dyw.to(tl.float32)
+            if DY_T:   # one image: DY [BH, BW] is the tall slot's DY^T transposed (no second load)
+                dyw = tl.trans(dyt)
+            else:
+                dyw = tl.load(d_g + off_dw, mask=(img & (mh < H))[:, None] & (ar_w < W)[None, :], other=0.0)
+                if SUM_DY and not TALL:
+                    acc_b += dyw.to(tl.float32)
             dyw = _operand_parts(dyw, NP, SPLIT, DOT_UPCAST)
             a0 = tl.load(x_g + off_w0, mask=in_w0 & img[None, :], other=0.0)
             acc_w0 = _split_dots(_operand_parts(a0, NP, SPLIT, DOT_UPCAST), dyw, acc_w0, NP, False, DOT_PREC)
