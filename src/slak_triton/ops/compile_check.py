@@ -191,31 +191,28 @@ def autotune_specializations(arch: int = 90) -> List[Spec]:
 # launch plan (sass_model)
 # ------------------------------------------------------------------------------------------------------------
 
+def _mean_steps(N: int, img: int, per_step: int) -> float:
+    """Mean trips of a plane kernel's image loop: programs of ``img`` images each (the last one may hold fewer),
+    ``per_step`` images per iteration."""
+    groups = math.ceil(N / img)
+    return sum(math.ceil(min(img, N - g * img) / per_step) for g in range(groups)) / groups
+
+
 def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: int) -> Dict[str, float]:
     """Trip count of every loop of ``ls``'s kernel (per program, per enclosing iteration; means where programs
     differ): ``lines`` is the fraction of active lines (1 when dense)."""
     name = ls.name
     if name == "lk_conv2d_plane_fwd_kernel":
-        img = cfg["IMG"]
-        groups = math.ceil(N / img)
-        per = [min(img, N - g * img) for g in range(groups)]      # images of each program's group
-        return {f"{name}.n0": sum(math.ceil(p / cfg["NB"]) for p in per) / groups,
-                f"{name}._t": lines, f"{name}._w": lines}
+        return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["NB"]), f"{name}._t": lines, f"{name}._w": lines}
     if name == "lk_conv2d_plane_dw_stack_kernel":
-        img = ls.args["imgs_per_prog"]
-        groups = math.ceil(N / img)
-        per = [min(img, N - g * img) for g in range(groups)]
-        return {f"{name}.n0": sum(math.ceil(p / cfg["NB"]) for p in per) / groups}
+        return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["NB"])}
     if name == "lk_conv2d_plane_dw_kernel":
-        img = ls.args["imgs_per_prog"]
-        groups = math.ceil(N / img)
-        per = [min(img, N - g * img) for g in range(groups)]
         a = ls.args   # images per dot: NB padded planes, or packed at the plane's own size
         g_t = (cfg["NB"] * a["BW"]) // W if a["PACK_T"] else cfg["NB"]
         g_w = (cfg["NB"] * a["BH"]) // H if a["PACK_W"] else cfg["NB"]
         # passes of LG lines over the images (tall, then wide); the line loops (0/1 trips) nest in them
-        return {"_dw_tall_pass.n0": sum(math.ceil(p / g_t) for p in per) / groups,
-                "_dw_wide_pass.n0": sum(math.ceil(p / g_w) for p in per) / groups,
+        return {"_dw_tall_pass.n0": _mean_steps(N, a["imgs_per_prog"], g_t),
+                "_dw_wide_pass.n0": _mean_steps(N, a["imgs_per_prog"], g_w),
                 "_dw_tall_pass._t": lines, "_dw_wide_pass._w": lines}
     if name == "lk_conv2d_fwd_kernel":
         # a run covers a whole line (K taps): BH + K - 1 input rows (BW + K - 1 columns), CK per tl.dot

@@ -608,26 +608,21 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
+        # the arguments both plane weight-gradient kernels take
+        args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
+                    ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H), BW=plane_pad(W),
+                    KPT=triton.next_power_of_2(KH_T) if KH_T else 1, KPW=triton.next_power_of_2(KW_W) if KW_W else 1,
+                    SPLIT=split, DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
         if not (sparse_t or sparse_w) and use_plane_dw_stack(H, W, KW_T, KH_W, split, arch):
-            args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
-                        ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H), BW=plane_pad(W),
-                        **plane_dw_stack_slots(KW_T, KH_W, plane_pad(W)),
-                        KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
-                        KPW=triton.next_power_of_2(KW_W) if KW_W else 1, SPLIT=split,
-                        DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
-            for k in ("SPARSE_T", "SPARSE_W"):
-                del args[k]
+            args = {k: v for k, v in args.items() if k not in ("SPARSE_T", "SPARSE_W")}   # (dense only)
+            args.update(plane_dw_stack_slots(KW_T, KH_W, plane_pad(W)))
             configs = lk_conv2d_plane_dw_stack_configs(H, W, split)
             return LaunchSpec("lk_conv2d_plane_dw_stack_kernel", "dw", lk_conv2d_plane_dw_stack_kernel,
                               _tuner(lk_conv2d_plane_dw_stack_kernel, configs, _PLANE_DW_STACK_KEY), args, pointers,
                               configs, lk_conv2d_plane_dw_stack_default_config(H, W, eb),
                               lambda meta: (C * splits,)), splits
-        args.update(imgs_per_prog=img, WIDE_IDX=_plane_wide_idx((H, W), x_strides, dy_strides),
-                    ALIGN=_plane_align(W, eb, x_strides, dy_strides), BH=plane_pad(H),
-                    BW=plane_pad(W), H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W),
-                    PACK_T=plane_dw_pack(W), PACK_W=plane_dw_pack(H), KPT=triton.next_power_of_2(KH_T) if KH_T else 1,
-                    KPW=triton.next_power_of_2(KW_W) if KW_W else 1, SPLIT=split,
-                    DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16))
+        args.update(H_PADDED=H < plane_pad(H), W_PADDED=W < plane_pad(W), PACK_T=plane_dw_pack(W),
+                    PACK_W=plane_dw_pack(H))
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         configs = lk_conv2d_plane_dw_split_configs(H, W) if split else lk_conv2d_plane_dw_configs()
         tuned = _tuner(lk_conv2d_plane_dw_kernel, configs, _PLANE_DW_KEY) if split else _plane_dw_autotuned
