@@ -537,23 +537,34 @@ def _line_dots(acc, xps, mats, LINE: tl.constexpr, LINES: tl.constexpr, NS: tl.c
 
 
 @triton.jit
-def _tall_toeplitz(w_c, swh, sww, j, ar_h, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
-    """T_j [BH(h), BH(r)] = w[r - h + KH//2, j] (of the 180-degree rotated kernel when FLIP), 0 off the band."""
+def _tall_toeplitz(w_c, swh, sww, j, ar_h, live, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """T_j [BH(h), BH(r)] = w[r - h + KH//2, j] (of the 180-degree rotated kernel when FLIP), 0 off the band.
+    live: the line is computed (a runtime flag in sparse launches, else a compile-time True); an inactive line's
+    operand is never read, so its gather is skipped and a zero tile stands in."""
     k = ar_h[None, :] - ar_h[:, None] + KH // 2
     ok = (k >= 0) & (k < KH)
-    if FLIP:
-        return tl.load(w_c + (KH - 1 - k) * swh + (KW - 1 - j) * sww, mask=ok, other=0.0)
-    return tl.load(w_c + k * swh + j * sww, mask=ok, other=0.0)
+    t = tl.zeros((ar_h.shape[0], ar_h.shape[0]), dtype=w_c.dtype.element_ty)
+    if live:
+        if FLIP:
+            t = tl.load(w_c + (KH - 1 - k) * swh + (KW - 1 - j) * sww, mask=ok, other=0.0)
+        else:
+            t = tl.load(w_c + k * swh + j * sww, mask=ok, other=0.0)
+    return t
 
 
 @triton.jit
-def _wide_toeplitz(w_c, swh, sww, i, ar_w, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
-    """U_i [BW(q), BW(w)] = w[i, q - w + KW//2] (rotated when FLIP), 0 off the band."""
+def _wide_toeplitz(w_c, swh, sww, i, ar_w, live, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """U_i [BW(q), BW(w)] = w[i, q - w + KW//2] (rotated when FLIP), 0 off the band; live as in
+    ``_tall_toeplitz``."""
     k = ar_w[:, None] - ar_w[None, :] + KW // 2
     ok = (k >= 0) & (k < KW)
-    if FLIP:
-        return tl.load(w_c + (KH - 1 - i) * swh + (KW - 1 - k) * sww, mask=ok, other=0.0)
-    return tl.load(w_c + i * swh + k * sww, mask=ok, other=0.0)
+    u = tl.zeros((ar_w.shape[0], ar_w.shape[0]), dtype=w_c.dtype.element_ty)
+    if live:
+        if FLIP:
+            u = tl.load(w_c + (KH - 1 - i) * swh + (KW - 1 - k) * sww, mask=ok, other=0.0)
+        else:
+            u = tl.load(w_c + i * swh + k * sww, mask=ok, other=0.0)
+    return u
 
 
 @triton.jit
@@ -616,18 +627,22 @@ def lk_conv2d_plane_fwd_kernel(
         ar_w = ar_w.to(tl.int64)
     c64 = c.to(tl.int64)
 
-    # The channel's Toeplitz operands, built once (loop-invariant: they stay in shared memory); weight split s of
-    # channel c is channel s * C + c of the [3, C, KH, KW] splits.
+    # The channel's Toeplitz operands, built once (loop-invariant: they stay in shared memory) for its active lines
+    # (the flags index the stored lines; FLIP reads stored line KW_T - 1 - j); weight split s of channel c is
+    # channel s * C + c of the [3, C, KH, KW] splits.
     ts = ()
     us = ()
     for s in tl.static_range(SPLIT_LO, SPLIT_LO + NS):
         for j in tl.static_range(KW_T):
-            t = _tall_toeplitz(wt_ptr + (s * C + c64) * swt_c, swt_h, swt_w, j, ar_h, KH_T, KW_T, FLIP)
+            t = _tall_toeplitz(wt_ptr + (s * C + c64) * swt_c, swt_h, swt_w, j, ar_h,
+                               _line_on(t_act_ptr, c, KW_T - 1 - j if FLIP else j, KW_T, SPARSE_T), KH_T, KW_T, FLIP)
             if TALL_T:
                 t = tl.trans(t)
             ts = ts + (t,)
         for i in tl.static_range(KH_W):
-            us = us + (_wide_toeplitz(ww_ptr + (s * C + c64) * sww_c, sww_h, sww_w, i, ar_w, KH_W, KW_W, FLIP),)
+            us = us + (_wide_toeplitz(ww_ptr + (s * C + c64) * sww_c, sww_h, sww_w, i, ar_w,
+                                      _line_on(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W), KH_W, KW_W,
+                                      FLIP),)
 
     # Tall layout: accumulator column cc = image cc // BW, column cc % BW; wide layout: row rq = image rq // BH.
     cc = tl.arange(0, NB * BW)
