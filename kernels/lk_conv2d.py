@@ -537,34 +537,26 @@ def _line_dots(acc, xps, mats, LINE: tl.constexpr, LINES: tl.constexpr, NS: tl.c
 
 
 @triton.jit
-def _tall_toeplitz(w_c, swh, sww, j, ar_h, live, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
-    """T_j [BH(h), BH(r)] = w[r - h + KH//2, j] (of the 180-degree rotated kernel when FLIP), 0 off the band.
-    live: the line is computed (a runtime flag in sparse launches, else a compile-time True); an inactive line's
-    operand is never read, so its gather is skipped and a zero tile stands in."""
-    k = ar_h[None, :] - ar_h[:, None] + KH // 2
-    ok = (k >= 0) & (k < KH)
-    t = tl.zeros((ar_h.shape[0], ar_h.shape[0]), dtype=w_c.dtype.element_ty)
+def _toeplitz(w_c, s_tap, s_line, line, ar, live, K: tl.constexpr, LINES: tl.constexpr, FLIP: tl.constexpr,
+              TALL: tl.constexpr):
+    """The Toeplitz operand of one line of a slot (of the 180-degree rotated kernel when FLIP), 0 off the band:
+    tall (w_c [K taps along H, LINES lines], s_tap = its row stride): T_j [BH(h), BH(r)] = w[r - h + K//2, j];
+    wide (w_c [LINES, K], s_tap = its column stride): U_i [BW(q), BW(w)] = w[i, q - w + K//2].
+    live: the line is computed (a runtime flag in sparse launches, else a compile-time True and no branch); an
+    inactive line's operand is never read (its products are skipped), so its gather is skipped too and a zero tile
+    stands in. The band is computed inside the branch: hoisted, its tiles lived across it and sparse launches
+    spilled for sm_80 (64-padded bf16, 32-padded fp32 splits)."""
+    t = tl.zeros((ar.shape[0], ar.shape[0]), dtype=w_c.dtype.element_ty)
     if live:
-        if FLIP:
-            t = tl.load(w_c + (KH - 1 - k) * swh + (KW - 1 - j) * sww, mask=ok, other=0.0)
+        if TALL:
+            k = ar[None, :] - ar[:, None] + K // 2
         else:
-            t = tl.load(w_c + k * swh + j * sww, mask=ok, other=0.0)
+            k = ar[:, None] - ar[None, :] + K // 2
+        if FLIP:
+            t = tl.load(w_c + (K - 1 - k) * s_tap + (LINES - 1 - line) * s_line, mask=(k >= 0) & (k < K), other=0.0)
+        else:
+            t = tl.load(w_c + k * s_tap + line * s_line, mask=(k >= 0) & (k < K), other=0.0)
     return t
-
-
-@triton.jit
-def _wide_toeplitz(w_c, swh, sww, i, ar_w, live, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
-    """U_i [BW(q), BW(w)] = w[i, q - w + KW//2] (rotated when FLIP), 0 off the band; live as in
-    ``_tall_toeplitz``."""
-    k = ar_w[:, None] - ar_w[None, :] + KW // 2
-    ok = (k >= 0) & (k < KW)
-    u = tl.zeros((ar_w.shape[0], ar_w.shape[0]), dtype=w_c.dtype.element_ty)
-    if live:
-        if FLIP:
-            u = tl.load(w_c + (KH - 1 - i) * swh + (KW - 1 - k) * sww, mask=ok, other=0.0)
-        else:
-            u = tl.load(w_c + i * swh + k * sww, mask=ok, other=0.0)
-    return u
 
 
 @triton.jit
@@ -634,15 +626,15 @@ def lk_conv2d_plane_fwd_kernel(
     us = ()
     for s in tl.static_range(SPLIT_LO, SPLIT_LO + NS):
         for j in tl.static_range(KW_T):
-            t = _tall_toeplitz(wt_ptr + (s * C + c64) * swt_c, swt_h, swt_w, j, ar_h,
-                               _line_on(t_act_ptr, c, KW_T - 1 - j if FLIP else j, KW_T, SPARSE_T), KH_T, KW_T, FLIP)
+            t = _toeplitz(wt_ptr + (s * C + c64) * swt_c, swt_h, swt_w, j, ar_h,
+                          _line_on(t_act_ptr, c, KW_T - 1 - j if FLIP else j, KW_T, SPARSE_T), KH_T, KW_T, FLIP, True)
             if TALL_T:
                 t = tl.trans(t)
             ts = ts + (t,)
         for i in tl.static_range(KH_W):
-            us = us + (_wide_toeplitz(ww_ptr + (s * C + c64) * sww_c, sww_h, sww_w, i, ar_w,
-                                      _line_on(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W), KH_W, KW_W,
-                                      FLIP),)
+            us = us + (_toeplitz(ww_ptr + (s * C + c64) * sww_c, sww_w, sww_h, i, ar_w,
+                                 _line_on(w_act_ptr, c, KH_W - 1 - i if FLIP else i, KH_W, SPARSE_W), KW_W, KH_W, FLIP,
+                                 False),)
 
     # Tall layout: accumulator column cc = image cc // BW, column cc % BW; wide layout: row rq = image rq // BH.
     cc = tl.arange(0, NB * BW)
