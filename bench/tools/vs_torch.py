@@ -35,6 +35,7 @@ _RECORDS = os.path.join(_HERE, "..", "results", "h100-2026-11-24-fwd-v1.json")
 _PARAMS = os.path.join(_HERE, "..", "..", "..", "shared", "tools", "sass_model_params.json")
 _V1_SHAPES = {"T1": (64, 124, 56, 51), "T2": (64, 249, 28, 49), "T3": (64, 499, 14, 47), "T4": (64, 998, 7, 13)}
 FMA_PER_S = 33.5e12          # H100 SXM FP32: 67 TFLOP/s
+SLAK_B_DIMS = (166, 332, 665, 1331)   # stage widths of SLaK-B (SLaK-T/S: 124, 249, 499, 998)
 TORCH_LAUNCHES = 3           # one F.conv2d per branch
 
 
@@ -95,8 +96,8 @@ def main(argv=None):
     for path in args.predictions:
         with open(path) as f:
             preds.extend(json.load(f))
-    preds.sort(key=lambda p: (p["dtype"], p["shape"][0], p["shape"][1] > 998 or p["shape"][1] in (166, 332, 665),
-                              -p["shape"][2]))
+    # rows by dtype, batch, then SLaK-T/S before SLaK-B, each from stage 1 (largest plane) to 4
+    preds.sort(key=lambda p: (p["dtype"], p["shape"][0], p["shape"][1] in SLAK_B_DIMS, -p["shape"][2]))
     print(f"PyTorch's best recorded rate: {rate / 1e12:.2f}e12 tap-pixels/s (FMA peak {FMA_PER_S / 1e12:.1f}e12); "
           f"t0 {t0 * 1e3:.1f} us per launch")
     print("| N | C | H=W | K | kind | dtype | ours (model) ms | PyTorch floor ms | PyTorch optimistic ms "
