@@ -21,6 +21,10 @@ whose run covers the whole long axis. Sparse launches read per-channel compacted
 
 ``FLIP`` computes the correlation with the kernel rotated by 180 degrees (the input gradient), reading the same
 weights and block lists: a run ``[lo, hi)`` of the stored kernel is the run ``[K - hi, K - lo)`` of the flipped one.
+
+Three families, by plane size: the *tiled* kernels above (any plane), the *plane* kernels (a whole plane of up to
+64 x 64 per tile, ``lk_conv2d_plane_*``) and the *matrix* kernels (planes of up to 64 pixels: a channel's whole
+convolution as one matrix over the flattened plane, ``lk_conv2d_matrix_*``).
 """
 
 import triton
@@ -737,6 +741,283 @@ def lk_conv2d_plane_fwd_kernel(
             if ADD_Y:
                 acc += tl.load(y_c + n0 * syn + off_y, mask=out_ok, other=0.0)
             tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small planes: the whole convolution of a channel as one matrix (``lk_conv2d_matrix_*``)
+# --------------------------------------------------------------------------------------------------------------
+# On a plane of P = H * W <= 64 pixels (SLaK's stage 4: 7 x 7) a 16-padded Toeplitz tile is under a fifth useful
+# and every line is its own product. There the channel's whole convolution is one matrix instead: with pixels
+# flattened (q = h * W + w), y[n, p] = sum_q x[n, q] M[q, p], M[q, p] = wt[dh + KH_T//2, dw + KW_T//2] +
+# ww[dh + KH_W//2, dw + KW_W//2] for (dh, dw) = q - p in pixel coordinates (0 outside a kernel). For a 13-tap
+# kernel on a 7 x 7 plane 83% of M's 49 x 49 entries are taps, and one [MB, PP] @ [PP, PP] product per MB images
+# does all of it, images along M. M is gathered once per program, for its IMG images.
+
+
+def lk_conv2d_matrix_configs():
+    """Autotune candidates of the matrix kernels (forward and weight gradient): MB images per tl.dot (M of the
+    forward's product, K of the weight gradient's), IMG images per program (a multiple of MB; the forward gathers
+    its matrix once per program). The static model's ranking is in bench/NOTES.md."""
+    return [triton.Config({"MB": mb, "IMG": img}, num_warps=w, num_stages=1)
+            for mb, img, w in [(16, 16, 4), (16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8)]]
+
+
+def lk_conv2d_matrix_default_config(N):
+    """The matrix kernels' config where autotuning is off: the static model's best for the batch (bench/NOTES.md),
+    spill-free for sm_80 and sm_90 (compile check)."""
+    if N > 16:
+        return {"MB": 64, "IMG": 64, "num_warps": 4, "num_stages": 1}
+    return {"MB": 16, "IMG": 16, "num_warps": 4, "num_stages": 1}
+
+
+def matrix_pad(h, w):
+    """PP of the matrix kernels: the plane's pixel count rounded up to a power of two, at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(h * w))
+
+
+def matrix_taps_per_gather(n_taps):
+    """TC of the matrix weight gradient for ``n_taps`` pixel offsets: rounded up to a power of two, at most 128
+    (more offsets take several gathers: each holds [PP, TC] values in registers)."""
+    return min(128, triton.next_power_of_2(max(n_taps, 1)))
+
+
+@triton.jit
+def _matrix_taps(w_c, s_h, s_w, dh, dw, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """One slot's entries of the channel matrix: w_c [KH, KW] (strides s_h, s_w) at the pixel offsets (dh, dw)
+    (tensors of one shape), the kernel rotated by 180 degrees when FLIP; 0 outside the kernel."""
+    if FLIP:
+        kh = KH // 2 - dh
+        kw = KW // 2 - dw
+    else:
+        kh = dh + KH // 2
+        kw = dw + KW // 2
+    return tl.load(w_c + kh * s_h + kw * s_w, mask=(kh >= 0) & (kh < KH) & (kw >= 0) & (kw < KW), other=0.0)
+
+
+@triton.jit
+def lk_conv2d_matrix_fwd_kernel(
+    # ---- pointers ----
+    x_ptr,        # [N, C, H, W] input (dy for the input gradient), any strides
+    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0)
+    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0)
+    b_ptr,        # [C] bias (HAS_BIAS only)
+    y_ptr,        # [N, C, H, W] output, any strides, fully overwritten
+    # ---- sizes ----
+    N, C, H, W,
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    swt_c, swt_h, swt_w,
+    sww_c, sww_h, sww_w,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr,   # tall slot kernel (0, 0 when absent)
+    KH_W: tl.constexpr, KW_W: tl.constexpr,   # wide slot kernel (0, 0 when absent)
+    HAS_BIAS: tl.constexpr,
+    FLIP: tl.constexpr,       # correlate with the 180-degree rotated kernels (the input gradient)
+    WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
+    SPLIT: tl.constexpr,      # fp32 as bf16 splits: x and M as three bf16 parts each, the six products that
+                              # matter summed in fp32 (as the plane kernels' bf16x6)
+    DOT_PREC: tl.constexpr,   # input_precision of fp32 dots (fp32 without SPLIT)
+    DOT_UPCAST: tl.constexpr, # dots in fp32 (interpreter: its tl.dot multiplies bf16 bit patterns)
+    PP: tl.constexpr,         # matrix_pad(H, W)
+    MB: tl.constexpr,         # images per tl.dot (its M)
+    IMG: tl.constexpr,        # images per program (a multiple of MB)
+):
+    """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
+    Y [MB, PP] = X [MB, PP] @ M [PP, PP] (+ bias) per MB images, M gathered once per program (see above).
+    16-bit: the tall and wide slots as two matrices, each exact in the weights' dtype; fp32: their fp32 sum.
+    Every tap is computed (the work does not depend on the taps): sparse calls pass weights zeroed on their
+    inactive lines (the host does, ``launch_lk_conv2d_fwd``)."""
+    c, _, n_start, n_stop = _plane_program(C, N, IMG)
+    c64 = c.to(tl.int64)
+    q = tl.arange(0, PP)      # pixel index; rows of M (input pixels) and columns (output pixels) alike
+    qh = q // W
+    qw = q % W
+    q_in = q < H * W
+    dh = qh[:, None] - qh[None, :]
+    dw = qw[:, None] - qw[None, :]
+    F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    if KW_T > 0:
+        mt = _matrix_taps(wt_ptr + c64 * swt_c, swt_h, swt_w, dh, dw, KH_T, KW_T, FLIP)
+    if KH_W > 0:
+        mw = _matrix_taps(ww_ptr + c64 * sww_c, sww_h, sww_w, dh, dw, KH_W, KW_W, FLIP)
+    NP: tl.constexpr = 3 if SPLIT else 1
+    if F32:   # one fp32 matrix (a tap in both slots rounds once, as the fp32 sum of their products would)
+        if KW_T > 0 and KH_W > 0:
+            m = mt + mw
+        elif KW_T > 0:
+            m = mt
+        else:
+            m = mw
+        mps = _operand_parts(m, NP, SPLIT, DOT_UPCAST)
+    else:     # two exact 16-bit matrices
+        if KW_T > 0:
+            mps = _operand_parts(mt, 1, False, DOT_UPCAST)
+        if KH_W > 0:
+            mws = _operand_parts(mw, 1, False, DOT_UPCAST)
+            if KW_T > 0:
+                mps = mps + mws
+            else:
+                mps = mws
+    NM: tl.constexpr = 1 if F32 else (KW_T > 0) + (KH_W > 0)
+    r = tl.arange(0, MB)
+    if WIDE_IDX:
+        r = r.to(tl.int64)
+        qh = qh.to(tl.int64)
+        qw = qw.to(tl.int64)
+    off_x = r[:, None] * sxn + (qh * sxh + qw * sxw)[None, :]
+    off_y = r[:, None] * syn + (qh * syh + qw * syw)[None, :]
+    x_c = x_ptr + c64 * sxc
+    y_c = y_ptr + c64 * syc
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + c).to(tl.float32)
+    for n0 in range(n_start, n_stop, MB):
+        ok = ((n0 + r) < n_stop)[:, None] & q_in[None, :]
+        xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
+        acc = tl.zeros((MB, PP), dtype=tl.float32)
+        if F32:
+            acc = _split_dots(_operand_parts(xt, NP, SPLIT, DOT_UPCAST), mps, acc, NP, False, DOT_PREC)
+        else:
+            xp = _operand_parts(xt, 1, False, DOT_UPCAST)[0]
+            for k in tl.static_range(NM):
+                acc = tl.dot(xp, mps[k], acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            acc += bias
+        tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def lk_conv2d_matrix_dw_configs():
+    """Autotune candidates of the matrix weight gradient: MB images per tl.dot (its K), warps."""
+    return [triton.Config({"MB": mb}, num_warps=w, num_stages=1) for mb, w in [(16, 4), (32, 4), (64, 4), (64, 8)]]
+
+
+def lk_conv2d_matrix_dw_default_config(N, elem_bytes=2):
+    """The matrix weight gradient's config where autotuning is off: near the static model's best (bench/NOTES.md),
+    spill-free for sm_80 and sm_90 (compile check): 16-bit on 8 warps, 64 images per dot for large batches; fp32
+    (bf16 splits: three parts of both operands) 16 images per dot on 4 warps."""
+    if elem_bytes == 2 and N > 16:
+        return {"MB": 64, "num_warps": 8, "num_stages": 1}
+    return {"MB": 16, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def lk_conv2d_matrix_dw_kernel(
+    # ---- pointers ----
+    x_ptr,        # [N, C, H, W] forward input, any strides
+    dy_ptr,       # [N, C, H, W] output gradient, any strides
+    dwt_ptr,      # [S, C, KH_T, KW_T] fp32 partial tall gradients, one slice per image group (contiguous)
+    dww_ptr,      # [S, C, KH_W, KW_W] fp32 partial wide gradients (contiguous)
+    db_ptr,       # [S, C] fp32 partial bias gradients
+    t_act_ptr,    # [C, KW_T] int32 active tall lines (SPARSE_T only; inactive lines get a zero gradient)
+    w_act_ptr,    # [C, KH_W] int32 active wide lines (SPARSE_W only)
+    taps_ptr,     # [4, NT] int32 (host: matrix_tap_table): per pixel offset both slots have a tap at, once: its
+                  # (dh, dw), its index in the tall slot (kh * KW_T + kw, -1 if none) and in the wide slot
+    # ---- sizes ----
+    N, C, H, W,
+    imgs_per_prog,  # images per program (the host's plane_dw_images_per_program); S = cdiv(N, imgs_per_prog)
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
+    SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ONES: tl.constexpr,       # H * W < PP: x's first padding pixel reads as 1, so that G's column H * W holds the
+                              # bias gradient (sum_n dy[n, p]); else dy is summed alongside
+    WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
+    SPLIT: tl.constexpr,      # fp32 as bf16 splits: dy and x as three bf16 parts each, six products in fp32
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PP: tl.constexpr,         # matrix_pad(H, W)
+    NT: tl.constexpr,         # pixel offsets in taps_ptr (the union of both slots' taps)
+    NR: tl.constexpr,         # the first NR of them reach from a pixel of the plane to another (|dh| < H,
+                              # |dw| < W); the others' taps get 0
+    TC: tl.constexpr,         # offsets per gather (host: matrix_taps_per_gather)
+    MB: tl.constexpr,         # images per tl.dot (its K)
+):
+    """Weight (and bias) gradients of one channel over one group of images. Grid: (C * S,).
+
+    G = sum_n DY_n^T X_n ([PP, PP]: output pixel p x input pixel q, flattened h * W + w; MB images per dot along
+    K), then the gradient of a tap at pixel offset (dh, dw) is sum_p G[p, p + dh * W + dw] over the pixels p whose
+    shifted pixel lies in the plane: one gather of G per TC offsets, once per program. A tall and a wide tap at
+    the same offset (the centre, where the slots overlap) share one sum. Deterministic: each program writes its
+    own fp32 partial; the host sums the S partials in a fixed order."""
+    c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
+    c64 = c.to(tl.int64)
+    P = H * W
+    q = tl.arange(0, PP)
+    hq = q // W
+    wq = q % W
+    q_in = q < P
+    r = tl.arange(0, MB)
+    rr = r
+    qh = hq
+    qw = wq
+    if WIDE_IDX:
+        rr = r.to(tl.int64)
+        qh = hq.to(tl.int64)
+        qw = wq.to(tl.int64)
+    off_x = rr[:, None] * sxn + (qh * sxh + qw * sxw)[None, :]
+    off_d = rr[:, None] * sdn + (qh * sdh + qw * sdw)[None, :]
+    x_c = x_ptr + c64 * sxc
+    d_c = dy_ptr + c64 * sdc
+    NP: tl.constexpr = 3 if SPLIT else 1
+    BIAS_SUM: tl.constexpr = HAS_BIAS and not ONES
+    g = tl.zeros((PP, PP), dtype=tl.float32)
+    bsum = tl.zeros((MB, PP) if BIAS_SUM else (1, 1), dtype=tl.float32)
+    for n0 in range(n_start, n_stop, MB):
+        ok = ((n0 + r) < n_stop)[:, None] & q_in[None, :]
+        xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
+        dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
+        if BIAS_SUM:
+            bsum += dt.to(tl.float32)
+        dps = _operand_parts(dt, NP, SPLIT, DOT_UPCAST)
+        dts = ()
+        for a in tl.static_range(NP):
+            dts = dts + (tl.trans(dps[a]),)
+        xps = _operand_parts(xt, NP, SPLIT, DOT_UPCAST)
+        if ONES:   # (on the first part, after any upcast: 1 is exact in every operand type; the load left 0 there)
+            x0 = xps[0] + (q == P)[None, :].to(xps[0].dtype)
+            xps = (x0,) + xps[1:]
+        g = _split_dots(dts, xps, g, NP, False, DOT_PREC)
+    out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
+    for t0 in tl.static_range(0, NR, TC):
+        t = t0 + tl.arange(0, TC)
+        t_in = t < NR
+        dh = tl.load(taps_ptr + t, mask=t_in, other=0)
+        dw = tl.load(taps_ptr + NT + t, mask=t_in, other=0)
+        # shifted pixel in the plane (unsigned compares: negative rows / columns wrap to large ones)
+        h2 = (hq[:, None] + dh[None, :]).to(tl.uint32, bitcast=True)
+        w2 = (wq[:, None] + dw[None, :]).to(tl.uint32, bitcast=True)
+        ok = (h2 < H.to(tl.uint32)) & (w2 < W.to(tl.uint32))
+        src = tl.where(ok, q[:, None] + (dh * W + dw)[None, :], 0)
+        v = tl.sum(tl.where(ok, tl.gather(g, src, axis=1), 0.0), axis=0)
+        if KW_T > 0:
+            dst = tl.load(taps_ptr + 2 * NT + t, mask=t_in, other=-1)
+            vt = v
+            if SPARSE_T:   # (a tall tap's line is its column)
+                vt = tl.where(tl.load(t_act_ptr + c * KW_T + dst % KW_T, mask=dst >= 0, other=0) != 0, v, 0.0)
+            tl.store(dwt_ptr + out_c * (KH_T * KW_T) + dst, vt, mask=dst >= 0)
+        if KH_W > 0:
+            dst = tl.load(taps_ptr + 3 * NT + t, mask=t_in, other=-1)
+            vw = v
+            if SPARSE_W:   # (a wide tap's line is its row)
+                vw = tl.where(tl.load(w_act_ptr + c * KH_W + dst // KW_W, mask=dst >= 0, other=0) != 0, v, 0.0)
+            tl.store(dww_ptr + out_c * (KH_W * KW_W) + dst, vw, mask=dst >= 0)
+    for t0 in tl.static_range(NR, NT, TC):   # taps no pixel pair reaches (kernels larger than the plane)
+        t = t0 + tl.arange(0, TC)
+        t_in = t < NT
+        zero = tl.zeros((TC,), dtype=tl.float32)
+        if KW_T > 0:
+            dst = tl.load(taps_ptr + 2 * NT + t, mask=t_in, other=-1)
+            tl.store(dwt_ptr + out_c * (KH_T * KW_T) + dst, zero, mask=dst >= 0)
+        if KH_W > 0:
+            dst = tl.load(taps_ptr + 3 * NT + t, mask=t_in, other=-1)
+            tl.store(dww_ptr + out_c * (KH_W * KW_W) + dst, zero, mask=dst >= 0)
+    if HAS_BIAS:
+        if ONES:
+            db = tl.sum(tl.sum(tl.where((q == P)[None, :], g, 0.0), axis=1), axis=0)
+        else:
+            db = tl.sum(tl.sum(bsum, axis=1), axis=0)
+        tl.store(db_ptr + out_c, db)
 
 
 @triton.jit

@@ -144,7 +144,7 @@ def problems(draw, masks=True):
     shapes = draw(branch_sets())
     C = draw(st.integers(1, MAX_C))
     return dict(
-        path=draw(st.sampled_from(["auto", "tiled"])),
+        path=draw(st.sampled_from(["auto", "plane", "tiled"])),
         N=draw(st.integers(0 if not ON_GPU else 1, MAX_N)), C=C,
         H=draw(st.integers(1, MAX_HW)), W=draw(st.integers(1, MAX_HW)),
         shapes=shapes, dtype=draw(st.sampled_from(DTYPES)),
@@ -182,15 +182,18 @@ def build(p, requires_grad=False):
 
 @contextlib.contextmanager
 def kernel_path(path):
-    """path "auto": the op's own choice (plane kernels for 16-bit planes up to 64 x 64, tiled otherwise);
+    """path "auto": the op's own choice (matrix kernels for planes of up to 64 pixels, plane kernels for planes up
+    to 64 x 64, tiled otherwise); "plane": no matrix kernels (the plane kernels also on the smallest planes);
     "tiled": the tiled kernels for every plane (as for planes over PLANE_MAX)."""
-    old = op_mod.PLANE_MAX
+    old = op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS
+    if path in ("plane", "tiled"):
+        op_mod.MATRIX_MAX_PIXELS = 0
     if path == "tiled":
         op_mod.PLANE_MAX = 0
     try:
         yield
     finally:
-        op_mod.PLANE_MAX = old
+        op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS = old
 
 
 @given(p=problems())
@@ -471,7 +474,7 @@ def check_plane_dw(x, wt, ww, meta_t, meta_w, NB, LG, dy_strided=False, max_rel_
     old_stack = op_mod.PLANE_DW_STACK_MAX
     op_mod.PLANE_DW_STACK_MAX = 0    # the per-line kernel even where a dense call would stack the lines
     try:
-        with TritonRan("lk_conv2d_plane_dw_kernel"):
+        with kernel_path("plane"), TritonRan("lk_conv2d_plane_dw_kernel"):
             gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, tuple(wt.shape[1:]),
                                                         None if ww is None else tuple(ww.shape[1:]), True,
                                                         sparse_t=meta_t, sparse_w=meta_w,
@@ -724,19 +727,129 @@ def test_fp32_split_matches_float64(H, W, tall_only, passes, dw_passes, flip, sp
         assert LAUNCH_COUNTS["lk_conv2d_plane_dw_kernel"] - before == dw_passes
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# matrix kernels (planes of up to 64 pixels)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, N, H, W, shapes, layout, MB, IMG", [
+    # SLaK's stage-4 slots on 7x7: N not a multiple of MB (a dot's last images missing), two programs
+    (torch.bfloat16, 19, 7, 7, [(13, 5), (5, 13), (5, 5)], "contiguous", 16, 16),
+    (torch.float16, 5, 7, 7, [(13, 5), (5, 13), (5, 5)], "channels_last", 32, 64),
+    (torch.float32, 3, 7, 7, [(13, 5), (5, 13), (5, 5)], "strided", 16, 16),
+    # 8x8: no padding pixel (the bias gradient summed from dy); kernels longer than the plane: taps no pixel
+    # reaches get 0
+    (torch.float32, 2, 8, 8, [(51, 5), (5, 51)], "contiguous", 16, 16),
+    (torch.bfloat16, 3, 2, 30, [(3, 31)], "contiguous", 16, 16),      # wide slot only, 60 pixels
+    (torch.float16, 2, 9, 3, [(7, 7)], "strided", 16, 16),             # tall slot only (a square kernel)
+])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
+    """Planes of up to 64 pixels run as one [PP, PP] matrix per channel (``lk_conv2d_matrix_*``): the forward,
+    the input gradient (FLIP) and the weight and bias gradients match float64 F.conv2d / autograd, any layout, MB
+    images per dot over programs of IMG. Sparse: line metadata with weights NOT masked; inactive lines contribute
+    nothing (the launcher zeroes them in the weights) and get exactly zero gradient."""
+    assert op_mod.use_matrix_kernels(H, W)
+    torch.manual_seed(N * 100 + H * 10 + W + sparse)
+    C = 3
+    x = make_layout(torch.randn(N, C, H, W, device=DEV).to(dtype), layout)
+    ws = rand_weights(C, shapes, dtype)
+    ms = [rand_mask(w, "block", 0.5) for w in ws] if sparse else [None] * len(ws)
+    meta_t, meta_w = op_mod.slot_metadata(ws, ms)
+    wt, ww = op_mod.fold_branches(ws, [None] * len(ws))     # not masked: the metadata alone must skip
+    on_t = meta_t[0][:, None, :] if meta_t is not None else 1
+    on_w = meta_w[0][:, :, None] if meta_w is not None else 1
+    # the reference: the folded slots with their inactive lines zeroed, as single branches
+    ref_ws = [(w.double() * on)[:, None] for w, on in ((wt, on_t), (ww, on_w)) if w is not None]
+    b = torch.randn(C, device=DEV).to(dtype)
+    taps = n_taps(shapes)
+    for flip in (False, True):
+        y = torch.full_like(x, float("nan"))
+        with TritonRan("lk_conv2d_matrix_fwd_kernel"):
+            op_mod.launch_lk_conv2d_fwd(x, wt, ww, None if flip else b, y, flip=flip, sparse_t=meta_t,
+                                        sparse_w=meta_w, config=dict(MB=MB, IMG=IMG, num_warps=4, num_stages=1))
+        ref = reference64(x, [w.flip(2, 3) for w in ref_ws] if flip else ref_ws, None if flip else b, None)
+        assert_close(y, ref, dtype, taps, "dx" if flip else "y")
+        if dtype == torch.float32:   # bf16x6: fp32 accuracy
+            assert rel_l2(y, ref) <= SPLIT_REL_L2, f"relative L2 error {rel_l2(y, ref):.2e}"
+    dy = make_layout(torch.randn(N, C, H, W, device=DEV).to(dtype), layout)
+    with TritonRan("lk_conv2d_matrix_dw_kernel"):
+        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, None if wt is None else tuple(wt.shape[1:]),
+                                                    None if ww is None else tuple(ww.shape[1:]), True,
+                                                    sparse_t=meta_t, sparse_w=meta_w,
+                                                    config=dict(MB=MB, num_warps=4, num_stages=1))
+    wd = [w.detach().double().requires_grad_(True) for w in ref_ws]
+    bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
+    lk_conv2d_reference(x.double(), wd, bd).backward(dy.double())
+    grads = [g for g in (gt, gw) if g is not None]
+    ons = [on for w, on in ((wt, on_t), (ww, on_w)) if w is not None]
+    for g, w, on, what in zip(grads, wd, ons, ("dW first slot", "dW second slot")):
+        # fp32 sums of exact products of the same inputs: only the rounding of the sums differs
+        assert_close(g * on, w.grad[:, 0] * on, dtype, 1, what)
+        assert torch.equal(g * (1 - on), torch.zeros_like(g)), f"{what}: inactive lines must get exactly zero"
+        if dtype == torch.float32:
+            assert rel_l2(g, w.grad[:, 0] * on) <= SPLIT_REL_L2, f"{what}: relative L2 error"
+    assert_close(gb, bd.grad, dtype, 1, "db")
+
+
+def test_matrix_tap_table_lists_each_offset_once():
+    """The weight gradient's offsets: every tap of both slots at its pixel offset, an offset shared by the two
+    slots (their overlap) once with both indices; the offsets that reach from a pixel to another first."""
+    table, reach = op_mod.matrix_tap_table(13, 5, 5, 13, 7, 7)
+    dh, dw, it, iw = table
+    assert len(set(zip(dh, dw))) == len(dh) == 13 * 5 + 5 * 13 - 5 * 5 and reach == len(dh)
+    for k in range(len(dh)):
+        if it[k] >= 0:
+            assert (it[k] // 5 - 6, it[k] % 5 - 2) == (dh[k], dw[k])
+        if iw[k] >= 0:
+            assert (iw[k] // 13 - 2, iw[k] % 13 - 6) == (dh[k], dw[k])
+        assert (it[k] >= 0 and iw[k] >= 0) == (abs(dh[k]) <= 2 and abs(dw[k]) <= 2)
+    table, reach = op_mod.matrix_tap_table(51, 5, 0, 0, 3, 9)
+    assert reach == 5 * 5 and all(abs(h) < 3 for h in table[0][:reach]) and all(abs(h) >= 3 for h in table[0][reach:])
+    assert sorted(table[2]) == list(range(51 * 5)) and set(table[3]) == {-1}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_on_matrix_planes(bad):
+    """The op's docstring: on planes of up to 64 pixels (the matrix kernels) a non-finite x[n, c, r, q] makes at
+    most every output of image n and channel c non-finite (a superset of F.conv2d's); every other output is finite
+    and exact."""
+    torch.manual_seed(22)
+    x = torch.randn(2, 2, 7, 7, device=DEV)
+    x[1, 0, 2, 3] = bad
+    ws = [torch.randn(2, 1, 13, 5, device=DEV) / 8, torch.randn(2, 1, 5, 13, device=DEV) / 8]
+    with TritonRan("lk_conv2d_matrix_fwd_kernel"):
+        y = lk_conv2d(x, ws, backend="triton")
+    ref = reference64(x, ws, None, None)
+    ours, theirs = ~torch.isfinite(y), ~torch.isfinite(ref)
+    assert theirs.any() and bool((theirs & ~ours).sum() == 0), "an output F.conv2d makes non-finite is finite here"
+    plane = torch.zeros_like(ours)
+    plane[1, 0] = True
+    assert bool((ours & ~plane).sum() == 0), "non-finite outputs outside the image and channel"
+    assert_close(y[~plane], ref[~plane], torch.float32, 2 * 65, "other planes")
+
+
 def test_fp32_precision_picks_the_path(monkeypatch):
     """SLAK_TRITON_FP32_PRECISION: bf16x6 (default) runs fp32 on the plane kernels as bf16 splits where planes
-    allow, any other precision on the tiled kernels; an unknown value names the variable and the choices."""
-    x = torch.randn(2, 2, 9, 7, device=DEV)
+    allow, any other precision on the tiled kernels; the matrix kernels (planes of up to 64 pixels) take every
+    precision, bf16x6 as splits, the others as fp32 dots of that precision. An unknown value names the variable and
+    the choices."""
+    x = torch.randn(2, 2, 9, 9, device=DEV)
+    xs = torch.randn(2, 2, 9, 7, device=DEV)     # 63 pixels: the matrix kernels
     ws = [torch.randn(2, 1, 7, 3, device=DEV) / 5, torch.randn(2, 1, 3, 7, device=DEV) / 5]
-    ref = reference64(x, ws, None, None)
+    ref, ref_s = reference64(x, ws, None, None), reference64(xs, ws, None, None)
     with TritonRan("lk_conv2d_plane_fwd_kernel"):
         y = lk_conv2d(x, ws, backend="triton")
     assert rel_l2(y, ref) <= SPLIT_REL_L2
+    with TritonRan("lk_conv2d_matrix_fwd_kernel"):
+        y = lk_conv2d(xs, ws, backend="triton")
+    assert rel_l2(y, ref_s) <= SPLIT_REL_L2
     monkeypatch.setenv("SLAK_TRITON_FP32_PRECISION", "ieee")
     with TritonRan("lk_conv2d_fwd_kernel"):
         y = lk_conv2d(x, ws, backend="triton")
     assert_close(y, ref, torch.float32, 21 + 21, "y (ieee, tiled)")
+    with TritonRan("lk_conv2d_matrix_fwd_kernel"):
+        y = lk_conv2d(xs, ws, backend="triton")
+    assert_close(y, ref_s, torch.float32, 21 + 21, "y (ieee, matrix)")
     monkeypatch.setenv("SLAK_TRITON_FP32_PRECISION", "bf16")
     with pytest.raises(ValueError, match="SLAK_TRITON_FP32_PRECISION.*bf16x6.*'bf16'"):
         lk_conv2d(x, ws, backend="triton")

@@ -40,7 +40,8 @@ _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 _TL = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: Triton element type of the tensor behind each pointer role ("data": x's dtype).
 _ROLE_TYPE = {"t_act": "i32", "w_act": "i32", "t_items": "i32", "t_count": "i32", "w_items": "i32",
-              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32", "wt_split": "bf16", "ww_split": "bf16"}
+              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32", "wt_split": "bf16", "ww_split": "bf16",
+              "taps": "i32"}
 
 #: Slot patterns the op produces: (name, (KH_T, KW_T), (KH_W, KW_W)); (0, 0) = slot absent.
 SLOT_PATTERNS = [
@@ -204,6 +205,10 @@ def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: i
     name = ls.name
     if name == "lk_conv2d_plane_fwd_kernel":
         return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["NB"]), f"{name}._t": lines, f"{name}._w": lines}
+    if name == "lk_conv2d_matrix_fwd_kernel":
+        return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["MB"])}
+    if name == "lk_conv2d_matrix_dw_kernel":
+        return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["MB"])}
     if name == "lk_conv2d_plane_dw_stack_kernel":
         return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["NB"])}
     if name == "lk_conv2d_plane_dw_kernel":
@@ -265,8 +270,11 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
                      "programs": math.prod(ls.grid(cfg)),
                      "dram_bytes": (3 if extra.get("ADD_Y") else 2) * N * C * H * W * eb}
                     for extra in ls.passes]
+        # a sparse call on the matrix kernel zeroes the inactive lines in both slots' weights first (torch ops:
+        # each [C, K, 5] slot read and written)
+        masking = 2 * 2 * C * 5 * K * eb if density < 1 and ls.name == "lk_conv2d_matrix_fwd_kernel" else 0
         plans.append({"config": {k: v for k, v in cfg.items() if k not in lk_derived_keys(ls)},
-                      "launches": launches, "torch_bytes": 0, "pixels": N * C * H * W})
+                      "launches": launches, "torch_bytes": masking, "pixels": N * C * H * W})
     return plans
 
 

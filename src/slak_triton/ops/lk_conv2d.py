@@ -32,6 +32,12 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_default_config,
     lk_conv2d_fwd_configs,
     lk_conv2d_fwd_kernel,
+    lk_conv2d_matrix_configs,
+    lk_conv2d_matrix_default_config,
+    lk_conv2d_matrix_dw_configs,
+    lk_conv2d_matrix_dw_default_config,
+    lk_conv2d_matrix_dw_kernel,
+    lk_conv2d_matrix_fwd_kernel,
     lk_conv2d_plane_configs,
     lk_conv2d_plane_default_config,
     lk_conv2d_plane_dw_configs,
@@ -42,6 +48,8 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_plane_dw_stack_default_config,
     lk_conv2d_plane_dw_stack_kernel,
     lk_conv2d_plane_fwd_kernel,
+    matrix_pad,
+    matrix_taps_per_gather,
     plane_pad,
 )
 from slak_triton.reference import apply_mask, lk_conv2d_reference
@@ -63,6 +71,7 @@ __all__ = [
     "line_metadata",
     "slot_metadata",
     "use_plane_kernels",
+    "use_matrix_kernels",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -499,6 +508,57 @@ def plane_dw_pack(n: int) -> bool:
     return n < b and (4 * b) // n > 4
 
 
+#: Planes of up to this many pixels run on the matrix kernels (``lk_conv2d_matrix_*``: a channel's convolution as
+#: one [H*W, H*W] matrix on the flattened plane; SLaK's stage 4 at 7 x 7).
+MATRIX_MAX_PIXELS = 64
+
+
+def use_matrix_kernels(H: int, W: int) -> bool:
+    """Whether a call runs on the matrix kernels: planes of at most ``MATRIX_MAX_PIXELS`` pixels, any dtype (fp32
+    as bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
+    return H * W <= MATRIX_MAX_PIXELS
+
+
+def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
+    """The matrix kernels' offsets inside a group of ``mb`` images (their largest MB) reach 2**31."""
+    return any(mb * abs(st[0]) + MATRIX_MAX_PIXELS * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides)
+
+
+@functools.lru_cache(maxsize=None)
+def matrix_tap_table(KH_T: int, KW_T: int, KH_W: int, KW_W: int, H: int, W: int) -> Tuple[Tuple[Tuple[int, ...], ...],
+                                                                                          int]:
+    """The pixel offsets the matrix weight gradient sums over on an H x W plane, each once, and how many of them
+    lead from a pixel to another (|dh| < H, |dw| < W; they come first, the others' taps get 0): rows (dh, dw,
+    index of the tall tap at that offset (kh * KW_T + kw) or -1, index of the wide tap or -1). A tall and a wide
+    tap at one offset (the centre, where the slots overlap) have the same gradient, so they share one sum."""
+    cols = {}
+    for slot, (KH, KW) in enumerate(((KH_T, KW_T), (KH_W, KW_W))):
+        for kh in range(KH):
+            for kw in range(KW):
+                col = cols.setdefault((kh - KH // 2, kw - KW // 2), [-1, -1])
+                col[slot] = kh * KW + kw
+    rows = [(dh, dw, t, w) for (dh, dw), (t, w) in cols.items()]
+    reach = [r for r in rows if abs(r[0]) < H and abs(r[1]) < W]
+    rows = reach + [r for r in rows if not (abs(r[0]) < H and abs(r[1]) < W)]
+    return tuple(tuple(v) for v in zip(*rows)), len(reach)
+
+
+_TAP_TABLES: dict = {}
+
+
+def _matrix_tap_tensor(shapes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``matrix_tap_table(*shapes)`` as the kernel reads it ([4, NT] int32 on ``device``), made once per shapes and
+    device."""
+    key = (shapes, str(device))
+    if key not in _TAP_TABLES:
+        _TAP_TABLES[key] = torch.tensor(matrix_tap_table(*shapes)[0], dtype=torch.int32, device=device)
+    return _TAP_TABLES[key]
+
+
+def _matrix_mb_max() -> int:
+    return max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs())
+
+
 #: Rows / columns past a plane that the plane kernels' masked loads may point at (padding and line shifts).
 _PLANE_MARGIN = 2 * PLANE_MAX + 2 * MAX_KERNEL_SIZE
 
@@ -558,6 +618,16 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
     )
     pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
+    if use_matrix_kernels(H, W):
+        split = dtype == torch.float32 and fp32_precision() == "bf16x6"
+        # (no line metadata: the launcher zeroes a sparse slot's inactive lines in its weights)
+        args = {k: v for k, v in args.items() if k not in ("SPARSE_T", "SPARSE_W")}
+        args.update(WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, y_strides), SPLIT=split,
+                    DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16), PP=matrix_pad(H, W))
+        return LaunchSpec("lk_conv2d_matrix_fwd_kernel", "fwd", lk_conv2d_matrix_fwd_kernel,
+                          _tuner(lk_conv2d_matrix_fwd_kernel, lk_conv2d_matrix_configs(), _MATRIX_FWD_KEY), args,
+                          pointers, lk_conv2d_matrix_configs(), lk_conv2d_matrix_default_config(N),
+                          lambda meta: (C * triton.cdiv(N, meta["IMG"]),))
     # fp32 on the plane kernels: bf16 parts of x (split in the kernel) and of the weights (``bf16_splits``)
     split = use_fp32_split(H, W, dtype, arch=arch)
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
@@ -603,6 +673,21 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     )
     pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
                     db_ptr="db" if need_bias else "dummy")
+    if use_matrix_kernels(H, W):
+        img = plane_dw_images_per_program(N, C, sms)
+        splits = triton.cdiv(N, img)
+        split = dtype == torch.float32 and fp32_precision() == "bf16x6"
+        table, reach = matrix_tap_table(KH_T, KW_T, KH_W, KW_W, H, W)
+        args.update(imgs_per_prog=img, WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, dy_strides),
+                    SPLIT=split, DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16), PP=matrix_pad(H, W),
+                    ONES=need_bias and H * W < matrix_pad(H, W), NT=len(table[0]), NR=reach,
+                    TC=matrix_taps_per_gather(reach))
+        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy",
+                        taps_ptr="taps")
+        configs = lk_conv2d_matrix_dw_configs()
+        return LaunchSpec("lk_conv2d_matrix_dw_kernel", "dw", lk_conv2d_matrix_dw_kernel,
+                          _tuner(lk_conv2d_matrix_dw_kernel, configs, _MATRIX_DW_KEY), args, pointers, configs,
+                          lk_conv2d_matrix_dw_default_config(N, eb), lambda meta: (C * splits,)), splits
     # fp32 on the plane kernels: x and dy split into bf16 parts in the kernel (as in the forward)
     split = use_fp32_split(H, W, dtype, weight_grad=True, arch=arch)
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
@@ -673,6 +758,8 @@ _plane_fwd_autotuned = triton.autotune(
     restore_value=["y_ptr"],   # the later fp32 split launches add to y: each timed run starts from the same y
 )(lk_conv2d_plane_fwd_kernel)
 
+_MATRIX_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "SPLIT"]
+_MATRIX_FWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "FLIP", "SPLIT"]
 _PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
 _TILED_DW_KEY = ["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T", "SPARSE_W"]
 _PLANE_DW_STACK_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "ALIGN"]
@@ -729,6 +816,13 @@ def launch_lk_conv2d_fwd(
         items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
         interpreter=interpreter_active(), arch=device_arch(x.device))
+    if spec.name == "lk_conv2d_matrix_fwd_kernel":
+        # The matrix kernel's work does not depend on the lines: a sparse slot's inactive lines (the flags index
+        # stored columns of wt, rows of ww) are zeroed in its weights instead ([C, K, 5]; in the op's time).
+        if sparse_t is not None:
+            wt = wt * sparse_t[0][:, None, :].to(wt.dtype)
+        if sparse_w is not None:
+            ww = ww * sparse_w[0][:, :, None].to(ww.dtype)
     tensors = dict(x=x, y=out, wt=wt, ww=ww, bias=bias, dummy=x)
     if "wt_split" in spec.pointers.values():
         tensors["wt_split"] = bf16_splits(wt)
@@ -812,6 +906,8 @@ def launch_lk_conv2d_bwd_dw(
     db = _new_empty(n_splits, C, device=dev) if need_bias else None
     if not _tracing_only(x):
         tensors = dict(x=x, dy=dy, dwt=dwt, dww=dww, db=db, dummy=x)
+        if "taps" in spec.pointers.values():
+            tensors["taps"] = _matrix_tap_tensor((KH_T, KW_T, KH_W, KW_W, H, W), dev)
         for tag, meta in (("t", sparse_t), ("w", sparse_w)):
             if meta is not None:
                 tensors.update({f"{tag}_act": meta[0], f"{tag}_items": meta[1], f"{tag}_count": meta[2]})
@@ -1001,9 +1097,11 @@ def lk_conv2d(
     c only. With dense weights the non-finite outputs are ``F.conv2d``'s plus, for the tall slot (branches with
     kh >= kw, folded), the columns q - KW_T//2 .. q + KW_T//2 of every row of the output tile, and for the wide
     slot the rows r - KH_W//2 .. r + KH_W//2 of every column of the tile (a tile is the whole plane for 16-bit
-    planes up to 64 x 64, else a tile of the tiled kernels whose window holds x[r, q]). A line of a slot whose mask
-    is all zero is skipped: it spreads nothing, where ``F.conv2d`` multiplies the non-finite value by the masked
-    zero weights. Every other output is finite and exact. Matching ``F.conv2d``'s pattern would cost a pass over
+    planes up to 64 x 64, else a tile of the tiled kernels whose window holds x[r, q]). On planes of up to 64
+    pixels (``MATRIX_MAX_PIXELS``: the matrix kernels, one matrix per channel over the whole plane) every output of
+    image n and channel c may be non-finite. A line of a slot whose mask is all zero is skipped (except on those
+    small planes): it spreads nothing, where ``F.conv2d`` multiplies the non-finite value by the masked zero
+    weights. Every other output is finite and exact. Matching ``F.conv2d``'s pattern would cost a pass over
     x on every call; ``backend="reference"`` has it.
     """
     weights, masks = _validate(x, weight, bias, mask, backend)
