@@ -50,9 +50,10 @@ SLOT_PATTERNS = [
     ("square", (7, 7), (0, 0)),     # one square branch (e.g. a converted ConvNeXt dwconv)
     ("wide_only", (0, 0), (3, 31)),
 ]
-#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2) and 16-padded
-#: ones (stages 3 and 4; the 16-bit weight gradient takes the stacked kernel at stages 2 and 3, the per-line one
-#: with packed images at stage 4), and the tiled kernels on a plane larger than ``PLANE_MAX``.
+#: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2) and a
+#: 16-padded one (stage 3; the 16-bit weight gradient takes the stacked kernel at stages 2 and 3), the matrix
+#: kernels at 7 x 7 (stage 4, at most ``MATRIX_MAX_PIXELS`` pixels), and the tiled kernels on a plane larger than
+#: ``PLANE_MAX``.
 PLANES = [(56, 56), (28, 28), (14, 14), (7, 7), (96, 96)]
 
 
@@ -156,12 +157,15 @@ def specializations(arch: int = 90) -> List[Spec]:
                 for kind in ("fwd", "dx", "dw"):
                     if (H, W) in ((28, 28), (14, 14)) and dtype != "float32" and kind != "dw":
                         continue   # (the 16-bit forward's plane sizes are covered by 56x56 and 7x7)
-                    for sparse in (False, True):
-                        ls = spec_for(kind, 2, 3, H, W, tall, wide, dtype, sparse, arch=arch)
+                    # the matrix kernels' defaults depend on the batch: also SLaK's stage 4 at batch 64
+                    batches = (2, 64) if (H, W) == (7, 7) and name == "slak13" else (2,)
+                    for sparse, N in ((s, n) for s in (False, True) for n in batches):
+                        ls = spec_for(kind, N, 3, H, W, tall, wide, dtype, sparse, arch=arch)
                         cfg = dict(ls.default)
                         for extra in ls.passes:
                             label = f"{ls.name} {dtype} {name} {H}x{W} {kind}{'-sparse' if sparse else ''} " + \
-                                ",".join(f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
+                                (f"N{N} " if N != 2 else "") + \
+                                ",".join(f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG", "MB")) + \
                                 f",w{cfg['num_warps']}" + _pass_label(extra)
                             specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg, extra), cfg["num_warps"],
                                               cfg["num_stages"]))
@@ -181,7 +185,7 @@ def autotune_specializations(arch: int = 90) -> List[Spec]:
                     cfg = _config_dict(c)
                     for extra in ls.passes:
                         label = f"{ls.name} {dtype} {H}x{H} {kind} autotune " + ",".join(
-                            f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG")) + \
+                            f"{k}{v}" for k, v in cfg.items() if k in ("BH", "BW", "CK", "NB", "IMG", "MB")) + \
                             f",w{cfg['num_warps']}" + _pass_label(extra)
                         specs.append(Spec(ls.kernel, label, launch_args(ls, dtype, cfg, extra), cfg["num_warps"],
                                           cfg["num_stages"]))
