@@ -763,11 +763,11 @@ def lk_conv2d_matrix_configs():
 
 
 def lk_conv2d_matrix_default_config(N):
-    """The matrix kernels' config where autotuning is off: the static model's best for the batch (bench/NOTES.md),
-    spill-free for sm_80 and sm_90 (compile check)."""
+    """The matrix forward's config where autotuning is off: near the static model's best for the batch
+    (bench/NOTES.md), spill-free for sm_80 and sm_90 (compile check)."""
     if N > 16:
         return {"MB": 64, "IMG": 64, "num_warps": 4, "num_stages": 1}
-    return {"MB": 16, "IMG": 16, "num_warps": 4, "num_stages": 1}
+    return {"MB": 16, "IMG": 64, "num_warps": 4, "num_stages": 1}
 
 
 def matrix_pad(h, w):

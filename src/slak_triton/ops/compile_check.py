@@ -157,8 +157,9 @@ def specializations(arch: int = 90) -> List[Spec]:
                 for kind in ("fwd", "dx", "dw"):
                     if (H, W) in ((28, 28), (14, 14)) and dtype != "float32" and kind != "dw":
                         continue   # (the 16-bit forward's plane sizes are covered by 56x56 and 7x7)
-                    # the matrix kernels' defaults depend on the batch: also SLaK's stage 4 at batch 64
-                    batches = (2, 64) if (H, W) == (7, 7) and name == "slak13" else (2,)
+                    # on planes of up to 64 pixels the batch picks the kernels (the plane kernels at 2, the matrix
+                    # kernels from 16) and the matrix kernels' defaults: also SLaK's stage 4 at batch 64
+                    batches = (2,) if (H, W) != (7, 7) else (2, 16, 64) if name == "slak13" else (2, 16)
                     for sparse, N in ((s, n) for s in (False, True) for n in batches):
                         ls = spec_for(kind, N, 3, H, W, tall, wide, dtype, sparse, arch=arch)
                         cfg = dict(ls.default)

@@ -157,10 +157,11 @@ def _autotune_enabled() -> bool:
 
 def fp32_precision() -> str:
     """How fp32 operands use tensor cores: ``SLAK_TRITON_FP32_PRECISION`` = bf16x6 (default: on the plane kernels,
-    planes padded to at most ``FP32_SPLIT_MAX``, both operands split into three bf16 parts each and the six
-    products that matter summed in fp32, exact products up to 2**-26 relative; elsewhere as tf32x3), tf32x3 (three
-    TF32 products, about fp32 accuracy; always on the tiled kernels), ieee (FMA units, exact fp32; tiled), tf32
-    (fastest, ~1e-3 relative error; tiled)."""
+    planes padded to at most ``FP32_SPLIT_MAX``, and on the matrix kernels, both operands split into three bf16
+    parts each and the six products that matter summed in fp32, exact products up to 2**-26 relative; elsewhere as
+    tf32x3), tf32x3 (three TF32 products, about fp32 accuracy; on the tiled kernels), ieee (FMA units, exact fp32;
+    tiled), tf32 (fastest, ~1e-3 relative error; tiled). The matrix kernels (planes of up to
+    ``MATRIX_MAX_PIXELS`` pixels) take every precision: the three others as fp32 dots of that precision."""
     p = os.environ.get("SLAK_TRITON_FP32_PRECISION", "bf16x6")
     if p not in FP32_PRECISIONS:
         raise ValueError(f"SLAK_TRITON_FP32_PRECISION: expected one of {FP32_PRECISIONS}, got {p!r}")
@@ -509,14 +510,22 @@ def plane_dw_pack(n: int) -> bool:
 
 
 #: Planes of up to this many pixels run on the matrix kernels (``lk_conv2d_matrix_*``: a channel's convolution as
-#: one [H*W, H*W] matrix on the flattened plane; SLaK's stage 4 at 7 x 7).
+#: one [H*W, H*W] matrix on the flattened plane; SLaK's stage 4 at 7 x 7) ...
 MATRIX_MAX_PIXELS = 64
+#: ... for batches of at least this many images (forward and input gradient; weight gradient: ``_DW``). Each
+#: program gathers its channel's matrix (two slots: 2 x 64 x 64 weights at 7 x 7) whatever its number of images;
+#: below these batches the plane kernels' Toeplitz operands (10 x 16 x 16) cost less (model, SLaK-T stage 4,
+#: bench/NOTES.md: forward bf16 at batch 4 0.013 ms on the plane kernel against 0.017, at batch 8 0.019 against
+#: 0.017; weight gradient at batch 8 0.021 against 0.030, at 16 0.031 against 0.030).
+MATRIX_MIN_BATCH = 8
+MATRIX_MIN_BATCH_DW = 16
 
 
-def use_matrix_kernels(H: int, W: int) -> bool:
-    """Whether a call runs on the matrix kernels: planes of at most ``MATRIX_MAX_PIXELS`` pixels, any dtype (fp32
-    as bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
-    return H * W <= MATRIX_MAX_PIXELS
+def use_matrix_kernels(N: int, H: int, W: int, weight_grad: bool = False) -> bool:
+    """Whether a call on x [N, C, H, W] runs on the matrix kernels: planes of at most ``MATRIX_MAX_PIXELS``
+    pixels, batches of at least ``MATRIX_MIN_BATCH`` (``MATRIX_MIN_BATCH_DW`` for the weight gradient), any dtype
+    (fp32 as bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
+    return H * W <= MATRIX_MAX_PIXELS and N >= (MATRIX_MIN_BATCH_DW if weight_grad else MATRIX_MIN_BATCH)
 
 
 def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
@@ -618,7 +627,7 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
     )
     pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
-    if use_matrix_kernels(H, W):
+    if use_matrix_kernels(N, H, W):
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
         # (no line metadata: the launcher zeroes a sparse slot's inactive lines in its weights)
         args = {k: v for k, v in args.items() if k not in ("SPARSE_T", "SPARSE_W")}
@@ -673,7 +682,7 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     )
     pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
                     db_ptr="db" if need_bias else "dummy")
-    if use_matrix_kernels(H, W):
+    if use_matrix_kernels(N, H, W, weight_grad=True):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
