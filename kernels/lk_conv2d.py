@@ -775,10 +775,10 @@ def matrix_pad(h, w):
     return max(16, triton.next_power_of_2(h * w))
 
 
-def matrix_taps_per_gather(n_taps):
-    """TC of the matrix weight gradient for ``n_taps`` pixel offsets: rounded up to a power of two, at most 128
-    (more offsets take several gathers: each holds [PP, TC] values in registers)."""
-    return min(128, triton.next_power_of_2(max(n_taps, 1)))
+def matrix_dw_grid(h, w):
+    """(HP, WP) of the matrix weight gradient: the plane's rows and columns padded to powers of two, at least 4
+    (its offset sums are products over HP * HP and WP * WP pairs: tl.dot's K >= 16)."""
+    return max(4, triton.next_power_of_2(h)), max(4, triton.next_power_of_2(w))
 
 
 @triton.jit
@@ -888,16 +888,57 @@ def lk_conv2d_matrix_fwd_kernel(
 
 def lk_conv2d_matrix_dw_configs():
     """Autotune candidates of the matrix weight gradient: MB images per tl.dot (its K), warps."""
-    return [triton.Config({"MB": mb}, num_warps=w, num_stages=1) for mb, w in [(16, 4), (32, 4), (64, 4), (64, 8)]]
+    return [triton.Config({"MB": mb}, num_warps=w, num_stages=1)
+            for mb, w in [(16, 2), (16, 4), (16, 8), (32, 4), (64, 4), (64, 8)]]
 
 
 def lk_conv2d_matrix_dw_default_config(N, elem_bytes=2):
-    """The matrix weight gradient's config where autotuning is off: near the static model's best (bench/NOTES.md),
-    spill-free for sm_80 and sm_90 (compile check): 16-bit on 8 warps, 64 images per dot for large batches; fp32
-    (bf16 splits: three parts of both operands) 16 images per dot on 4 warps."""
-    if elem_bytes == 2 and N > 16:
-        return {"MB": 64, "num_warps": 8, "num_stages": 1}
+    """The matrix weight gradient's config where autotuning is off: the static model's best (bench/NOTES.md),
+    spill-free for sm_80 and sm_90 (compile check): 16 images per dot, 4 warps."""
     return {"MB": 16, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def _offset_sums(v, N: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
+    """S[m, j] = sum_{a - b = j - (N - 1)} v[m, b * N + a] for v [M, N * N] fp32 (the columns are pairs (b, a) of
+    one axis): the sums along each offset a - b of that axis, j < D (>= 2N - 1; the others 0). One product with a
+    0/1 matrix, v as three bf16 parts (exact: the products are exact and the sums fp32)."""
+    k = tl.arange(0, N * N)
+    OP: tl.constexpr = tl.float32 if UPCAST else tl.bfloat16
+    e = ((k % N - k // N + (N - 1))[:, None] == tl.arange(0, D)[None, :]).to(OP)
+    parts = _operand_parts(v, 3, True, UPCAST)
+    s = tl.zeros((v.shape[0], D), dtype=tl.float32)
+    for a in tl.static_range(3):
+        s = tl.dot(parts[a], e, s)
+    return s
+
+
+@triton.jit
+def _store_taps(t, out_c, act_c, HP: tl.constexpr, WP: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                TALL: tl.constexpr, SPARSE: tl.constexpr):
+    """Writes one slot's tap gradients out_c [KH, KW] (contiguous) from t [DH, DW], the gradient of every pixel
+    offset (dh, dw) = (i - (HP - 1), j - (WP - 1)); taps past t's offsets (kernels longer than the plane) get 0.
+    SPARSE: inactive lines (act_c [lines] 0/1: tall columns, wide rows) get 0."""
+    DH: tl.constexpr = t.shape[0]
+    DW: tl.constexpr = t.shape[1]
+    kh = tl.arange(0, DH)[:, None] - (HP - 1) + KH // 2
+    kw = tl.arange(0, DW)[None, :] - (WP - 1) + KW // 2
+    ok = (kh >= 0) & (kh < KH) & (kw >= 0) & (kw < KW)
+    if SPARSE:
+        if TALL:
+            t = tl.where(tl.load(act_c + kw, mask=ok, other=0) != 0, t, 0.0)
+        else:
+            t = tl.where(tl.load(act_c + kh, mask=ok, other=0) != 0, t, 0.0)
+    tl.store(out_c + kh * KW + kw, t, mask=ok)
+    # (static: only kernels reaching past the offsets t holds have such taps)
+    if KH // 2 > HP - 1 or KH // 2 > DH - HP or KW // 2 > WP - 1 or KW // 2 > DW - WP:
+        TP: tl.constexpr = 512
+        for t0 in tl.static_range(0, KH * KW, TP):
+            i = t0 + tl.arange(0, TP)
+            dh = i // KW - KH // 2
+            dw = i % KW - KW // 2
+            far = (dh < 1 - HP) | (dh > DH - HP) | (dw < 1 - WP) | (dw > DW - WP)
+            tl.store(out_c + i, tl.zeros((TP,), dtype=tl.float32), mask=far & (i < KH * KW))
 
 
 @triton.jit
@@ -910,8 +951,6 @@ def lk_conv2d_matrix_dw_kernel(
     db_ptr,       # [S, C] fp32 partial bias gradients
     t_act_ptr,    # [C, KW_T] int32 active tall lines (SPARSE_T only; inactive lines get a zero gradient)
     w_act_ptr,    # [C, KH_W] int32 active wide lines (SPARSE_W only)
-    taps_ptr,     # [4, NT] int32 (host: matrix_tap_table): per pixel offset both slots have a tap at, once: its
-                  # (dh, dw), its index in the tall slot (kh * KW_T + kw, -1 if none) and in the wide slot
     # ---- sizes ----
     N, C, H, W,
     imgs_per_prog,  # images per program (the host's plane_dw_images_per_program); S = cdiv(N, imgs_per_prog)
@@ -921,103 +960,64 @@ def lk_conv2d_matrix_dw_kernel(
     # ---- meta-parameters ----
     KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
     SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ONES: tl.constexpr,       # H * W < PP: x's first padding pixel reads as 1, so that G's column H * W holds the
-                              # bias gradient (sum_n dy[n, p]); else dy is summed alongside
     WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
     SPLIT: tl.constexpr,      # fp32 as bf16 splits: dy and x as three bf16 parts each, six products in fp32
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    PP: tl.constexpr,         # matrix_pad(H, W)
-    NT: tl.constexpr,         # pixel offsets in taps_ptr (the union of both slots' taps)
-    NR: tl.constexpr,         # the first NR of them reach from a pixel of the plane to another (|dh| < H,
-                              # |dw| < W); the others' taps get 0
-    TC: tl.constexpr,         # offsets per gather (host: matrix_taps_per_gather)
+    HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_dw_grid), HP * WP
+    WP: tl.constexpr,         # <= 64: pixel (h, w) is index h * WP + w
     MB: tl.constexpr,         # images per tl.dot (its K)
 ):
     """Weight (and bias) gradients of one channel over one group of images. Grid: (C * S,).
 
-    G = sum_n DY_n^T X_n ([PP, PP]: output pixel p x input pixel q, flattened h * W + w; MB images per dot along
-    K), then the gradient of a tap at pixel offset (dh, dw) is sum_p G[p, p + dh * W + dw] over the pixels p whose
-    shifted pixel lies in the plane: one gather of G per TC offsets, once per program. A tall and a wide tap at
-    the same offset (the centre, where the slots overlap) share one sum. Deterministic: each program writes its
-    own fp32 partial; the host sums the S partials in a fixed order."""
+    G = sum_n DY_n^T X_n ([PP, PP], PP = HP * WP: output pixel p x input pixel q, MB images per dot along K); the
+    gradient of a tap at pixel offset (dh, dw) is the sum of G over the pixel pairs q - p = (dh, dw). Viewed as
+    [hp, wp, hq, wq], G is summed along its w offsets (one product with a 0/1 matrix, ``_offset_sums``), then along
+    its h offsets (another), which gives every offset's gradient at once, once per program; the padding pixels
+    are zero, so no pair leaves the plane. Deterministic: each program writes its own fp32 partial; the host sums
+    the S partials in a fixed order."""
     c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
     c64 = c.to(tl.int64)
-    P = H * W
+    PP: tl.constexpr = HP * WP
+    DH: tl.constexpr = 2 * HP if 2 * HP > 16 else 16      # offsets per axis (2 HP - 1 used; tl.dot: >= 16)
+    DW: tl.constexpr = 2 * WP if 2 * WP > 16 else 16
     q = tl.arange(0, PP)
-    hq = q // W
-    wq = q % W
-    q_in = q < P
+    hq = q // WP
+    wq = q % WP
+    q_in = (hq < H) & (wq < W)
     r = tl.arange(0, MB)
-    rr = r
-    qh = hq
-    qw = wq
     if WIDE_IDX:
-        rr = r.to(tl.int64)
-        qh = hq.to(tl.int64)
-        qw = wq.to(tl.int64)
-    off_x = rr[:, None] * sxn + (qh * sxh + qw * sxw)[None, :]
-    off_d = rr[:, None] * sdn + (qh * sdh + qw * sdw)[None, :]
+        r = r.to(tl.int64)
+        hq = hq.to(tl.int64)
+        wq = wq.to(tl.int64)
+    off_x = r[:, None] * sxn + (hq * sxh + wq * sxw)[None, :]
+    off_d = r[:, None] * sdn + (hq * sdh + wq * sdw)[None, :]
     x_c = x_ptr + c64 * sxc
     d_c = dy_ptr + c64 * sdc
     NP: tl.constexpr = 3 if SPLIT else 1
-    BIAS_SUM: tl.constexpr = HAS_BIAS and not ONES
     g = tl.zeros((PP, PP), dtype=tl.float32)
-    bsum = tl.zeros((MB, PP) if BIAS_SUM else (1, 1), dtype=tl.float32)
+    bsum = tl.zeros((MB, PP) if HAS_BIAS else (1, 1), dtype=tl.float32)
     for n0 in range(n_start, n_stop, MB):
-        ok = ((n0 + r) < n_stop)[:, None] & q_in[None, :]
+        ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
         xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
         dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
-        if BIAS_SUM:
+        if HAS_BIAS:
             bsum += dt.to(tl.float32)
         dps = _operand_parts(dt, NP, SPLIT, DOT_UPCAST)
         dts = ()
         for a in tl.static_range(NP):
             dts = dts + (tl.trans(dps[a]),)
-        xps = _operand_parts(xt, NP, SPLIT, DOT_UPCAST)
-        if ONES:   # (on the first part, after any upcast: 1 is exact in every operand type; the load left 0 there)
-            x0 = xps[0] + (q == P)[None, :].to(xps[0].dtype)
-            xps = (x0,) + xps[1:]
-        g = _split_dots(dts, xps, g, NP, False, DOT_PREC)
+        g = _split_dots(dts, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), g, NP, False, DOT_PREC)
+    # [hp, wp, hq, wq] -> [(hp, hq), (wp, wq)]: sums along w offsets, then (transposed) along h offsets
+    gp = tl.reshape(tl.permute(tl.reshape(g, (HP, WP, HP, WP)), (0, 2, 1, 3)), (HP * HP, WP * WP))
+    sw = _offset_sums(gp, WP, DW, DOT_UPCAST)                      # [(hp, hq), DW]
+    t = tl.trans(_offset_sums(tl.trans(sw), HP, DH, DOT_UPCAST))   # [DH, DW]
     out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
-    for t0 in tl.static_range(0, NR, TC):
-        t = t0 + tl.arange(0, TC)
-        t_in = t < NR
-        dh = tl.load(taps_ptr + t, mask=t_in, other=0)
-        dw = tl.load(taps_ptr + NT + t, mask=t_in, other=0)
-        # shifted pixel in the plane (unsigned compares: negative rows / columns wrap to large ones)
-        h2 = (hq[:, None] + dh[None, :]).to(tl.uint32, bitcast=True)
-        w2 = (wq[:, None] + dw[None, :]).to(tl.uint32, bitcast=True)
-        ok = (h2 < H.to(tl.uint32)) & (w2 < W.to(tl.uint32))
-        src = tl.where(ok, q[:, None] + (dh * W + dw)[None, :], 0)
-        v = tl.sum(tl.where(ok, tl.gather(g, src, axis=1), 0.0), axis=0)
-        if KW_T > 0:
-            dst = tl.load(taps_ptr + 2 * NT + t, mask=t_in, other=-1)
-            vt = v
-            if SPARSE_T:   # (a tall tap's line is its column)
-                vt = tl.where(tl.load(t_act_ptr + c * KW_T + dst % KW_T, mask=dst >= 0, other=0) != 0, v, 0.0)
-            tl.store(dwt_ptr + out_c * (KH_T * KW_T) + dst, vt, mask=dst >= 0)
-        if KH_W > 0:
-            dst = tl.load(taps_ptr + 3 * NT + t, mask=t_in, other=-1)
-            vw = v
-            if SPARSE_W:   # (a wide tap's line is its row)
-                vw = tl.where(tl.load(w_act_ptr + c * KH_W + dst // KW_W, mask=dst >= 0, other=0) != 0, v, 0.0)
-            tl.store(dww_ptr + out_c * (KH_W * KW_W) + dst, vw, mask=dst >= 0)
-    for t0 in tl.static_range(NR, NT, TC):   # taps no pixel pair reaches (kernels larger than the plane)
-        t = t0 + tl.arange(0, TC)
-        t_in = t < NT
-        zero = tl.zeros((TC,), dtype=tl.float32)
-        if KW_T > 0:
-            dst = tl.load(taps_ptr + 2 * NT + t, mask=t_in, other=-1)
-            tl.store(dwt_ptr + out_c * (KH_T * KW_T) + dst, zero, mask=dst >= 0)
-        if KH_W > 0:
-            dst = tl.load(taps_ptr + 3 * NT + t, mask=t_in, other=-1)
-            tl.store(dww_ptr + out_c * (KH_W * KW_W) + dst, zero, mask=dst >= 0)
+    if KW_T > 0:
+        _store_taps(t, dwt_ptr + out_c * (KH_T * KW_T), t_act_ptr + c * KW_T, HP, WP, KH_T, KW_T, True, SPARSE_T)
+    if KH_W > 0:
+        _store_taps(t, dww_ptr + out_c * (KH_W * KW_W), w_act_ptr + c * KH_W, HP, WP, KH_W, KW_W, False, SPARSE_W)
     if HAS_BIAS:
-        if ONES:
-            db = tl.sum(tl.sum(tl.where((q == P)[None, :], g, 0.0), axis=1), axis=0)
-        else:
-            db = tl.sum(tl.sum(bsum, axis=1), axis=0)
-        tl.store(db_ptr + out_c, db)
+        tl.store(db_ptr + out_c, tl.sum(tl.sum(bsum, axis=1), axis=0))
 
 
 @triton.jit

@@ -187,9 +187,9 @@ def kernel_path(path):
     planes of up to 64 pixels whatever the batch (as at large batches); "plane": no matrix kernels (the plane
     kernels also on the smallest planes); "tiled": the tiled kernels for every plane (as for planes over
     PLANE_MAX)."""
-    old = op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS, op_mod.MATRIX_MIN_BATCH, op_mod.MATRIX_MIN_BATCH_DW
+    old = op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS, op_mod.MATRIX_MIN_BATCH
     if path == "matrix":
-        op_mod.MATRIX_MIN_BATCH = op_mod.MATRIX_MIN_BATCH_DW = 0
+        op_mod.MATRIX_MIN_BATCH = 0
     if path in ("plane", "tiled"):
         op_mod.MATRIX_MAX_PIXELS = 0
     if path == "tiled":
@@ -197,7 +197,7 @@ def kernel_path(path):
     try:
         yield
     finally:
-        op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS, op_mod.MATRIX_MIN_BATCH, op_mod.MATRIX_MIN_BATCH_DW = old
+        op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS, op_mod.MATRIX_MIN_BATCH = old
 
 
 @given(p=problems())
@@ -743,8 +743,8 @@ def test_fp32_split_matches_float64(H, W, tall_only, passes, dw_passes, flip, sp
     # 8x8: no padding pixel (the bias gradient summed from dy); kernels longer than the plane: taps no pixel
     # reaches get 0
     (torch.float32, 2, 8, 8, [(51, 5), (5, 51)], "contiguous", 16, 16),
-    (torch.bfloat16, 3, 2, 30, [(3, 31)], "contiguous", 16, 16),      # wide slot only, 60 pixels
-    (torch.float16, 2, 9, 3, [(7, 7)], "strided", 16, 16),             # tall slot only (a square kernel)
+    (torch.bfloat16, 3, 4, 15, [(3, 31)], "contiguous", 16, 16),      # wide slot only, 60 pixels (4 x 16 grid)
+    (torch.float16, 2, 9, 3, [(7, 7)], "strided", 16, 16),             # tall slot only (a square kernel), 16 x 4
 ])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
@@ -800,26 +800,10 @@ def run_matrix_kernels(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
     assert_close(gb, bd.grad, dtype, 1, "db")
 
 
-def test_matrix_tap_table_lists_each_offset_once():
-    """The weight gradient's offsets: every tap of both slots at its pixel offset, an offset shared by the two
-    slots (their overlap) once with both indices; the offsets that reach from a pixel to another first."""
-    table, reach = op_mod.matrix_tap_table(13, 5, 5, 13, 7, 7)
-    dh, dw, it, iw = table
-    assert len(set(zip(dh, dw))) == len(dh) == 13 * 5 + 5 * 13 - 5 * 5 and reach == len(dh)
-    for k in range(len(dh)):
-        if it[k] >= 0:
-            assert (it[k] // 5 - 6, it[k] % 5 - 2) == (dh[k], dw[k])
-        if iw[k] >= 0:
-            assert (iw[k] // 13 - 2, iw[k] % 13 - 6) == (dh[k], dw[k])
-        assert (it[k] >= 0 and iw[k] >= 0) == (abs(dh[k]) <= 2 and abs(dw[k]) <= 2)
-    table, reach = op_mod.matrix_tap_table(51, 5, 0, 0, 3, 9)
-    assert reach == 5 * 5 and all(abs(h) < 3 for h in table[0][:reach]) and all(abs(h) >= 3 for h in table[0][reach:])
-    assert sorted(table[2]) == list(range(51 * 5)) and set(table[3]) == {-1}
-
-
 def test_matrix_kernels_by_plane_and_batch():
-    """The matrix kernels take planes of up to MATRIX_MAX_PIXELS pixels in batches from MATRIX_MIN_BATCH (the
-    weight gradient from MATRIX_MIN_BATCH_DW); smaller batches and larger planes keep the plane kernels."""
+    """The matrix forward takes planes of up to MATRIX_MAX_PIXELS pixels in batches from MATRIX_MIN_BATCH (smaller
+    batches and larger planes keep the plane kernels); the matrix weight gradient takes any batch, on planes whose
+    power-of-two grid has at most MATRIX_MAX_PIXELS pixels."""
     def fwd(N, H, W):
         st = (3 * H * W, H * W, W, 1)
         return op_mod.fwd_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (65, 5, 1), (5, 13), (65, 13, 1),
@@ -829,11 +813,12 @@ def test_matrix_kernels_by_plane_and_batch():
         st = (3 * H * W, H * W, W, 1)
         return op_mod.dw_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (5, 13), need_bias=True,
                                      sparse_t=False, sparse_w=False)[0].name
-    lo, lo_dw = op_mod.MATRIX_MIN_BATCH, op_mod.MATRIX_MIN_BATCH_DW
+    lo = op_mod.MATRIX_MIN_BATCH
     assert fwd(lo, 7, 7) == fwd(lo, 4, 16) == "lk_conv2d_matrix_fwd_kernel"
     assert fwd(lo - 1, 7, 7) == fwd(lo, 9, 8) == "lk_conv2d_plane_fwd_kernel"
-    assert dw(lo_dw, 8, 8) == "lk_conv2d_matrix_dw_kernel"
-    assert dw(lo_dw - 1, 8, 8) == "lk_conv2d_plane_dw_kernel"
+    assert dw(1, 8, 8) == dw(1, 4, 16) == dw(64, 7, 7) == "lk_conv2d_matrix_dw_kernel"
+    # the weight gradient's grid pads rows and columns to powers of two: 2 x 30 is a 4 x 32 grid
+    assert dw(64, 2, 30) == dw(64, 9, 7) == "lk_conv2d_plane_dw_kernel"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

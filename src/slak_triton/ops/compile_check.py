@@ -40,8 +40,7 @@ _TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 _TL = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 #: Triton element type of the tensor behind each pointer role ("data": x's dtype).
 _ROLE_TYPE = {"t_act": "i32", "w_act": "i32", "t_items": "i32", "t_count": "i32", "w_items": "i32",
-              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32", "wt_split": "bf16", "ww_split": "bf16",
-              "taps": "i32"}
+              "w_count": "i32", "dwt": "fp32", "dww": "fp32", "db": "fp32", "wt_split": "bf16", "ww_split": "bf16"}
 
 #: Slot patterns the op produces: (name, (KH_T, KW_T), (KH_W, KW_W)); (0, 0) = slot absent.
 SLOT_PATTERNS = [
@@ -157,8 +156,8 @@ def specializations(arch: int = 90) -> List[Spec]:
                 for kind in ("fwd", "dx", "dw"):
                     if (H, W) in ((28, 28), (14, 14)) and dtype != "float32" and kind != "dw":
                         continue   # (the 16-bit forward's plane sizes are covered by 56x56 and 7x7)
-                    # on planes of up to 64 pixels the batch picks the kernels (the plane kernels at 2, the matrix
-                    # kernels from 16) and the matrix kernels' defaults: also SLaK's stage 4 at batch 64
+                    # on planes of up to 64 pixels the batch picks the forward's kernel (the plane kernel at 2,
+                    # the matrix kernel from MATRIX_MIN_BATCH) and its defaults: also SLaK's stage 4 at batch 64
                     batches = (2,) if (H, W) != (7, 7) else (2, 16, 64) if name == "slak13" else (2, 16)
                     for sparse, N in ((s, n) for s in (False, True) for n in batches):
                         ls = spec_for(kind, N, 3, H, W, tall, wide, dtype, sparse, arch=arch)

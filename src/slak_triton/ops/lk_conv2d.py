@@ -49,7 +49,7 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_plane_dw_stack_kernel,
     lk_conv2d_plane_fwd_kernel,
     matrix_pad,
-    matrix_taps_per_gather,
+    matrix_dw_grid,
     plane_pad,
 )
 from slak_triton.reference import apply_mask, lk_conv2d_reference
@@ -512,56 +512,29 @@ def plane_dw_pack(n: int) -> bool:
 #: Planes of up to this many pixels run on the matrix kernels (``lk_conv2d_matrix_*``: a channel's convolution as
 #: one [H*W, H*W] matrix on the flattened plane; SLaK's stage 4 at 7 x 7) ...
 MATRIX_MAX_PIXELS = 64
-#: ... for batches of at least this many images (forward and input gradient; weight gradient: ``_DW``). Each
-#: program gathers its channel's matrix (two slots: 2 x 64 x 64 weights at 7 x 7) whatever its number of images;
-#: below these batches the plane kernels' Toeplitz operands (10 x 16 x 16) cost less (model, SLaK-T stage 4,
-#: bench/NOTES.md: forward bf16 at batch 4 0.013 ms on the plane kernel against 0.017, at batch 8 0.019 against
-#: 0.017; weight gradient at batch 8 0.021 against 0.030, at 16 0.031 against 0.030).
+#: ... for batches of at least this many images (forward and input gradient). Each program gathers its channel's
+#: matrix (two slots: 2 x 64 x 64 weights at 7 x 7) whatever its number of images; below this batch the plane
+#: kernels' Toeplitz operands (10 x 16 x 16) cost less (model, SLaK-T stage 4, bench/NOTES.md: bf16 at batch 4
+#: 0.013 ms on the plane kernel against 0.017, at batch 8 0.019 against 0.017). The weight gradient has no matrix
+#: to gather and takes the matrix kernel at every batch (batch 1: 0.012 ms against 0.016).
 MATRIX_MIN_BATCH = 8
-MATRIX_MIN_BATCH_DW = 16
 
 
 def use_matrix_kernels(N: int, H: int, W: int, weight_grad: bool = False) -> bool:
     """Whether a call on x [N, C, H, W] runs on the matrix kernels: planes of at most ``MATRIX_MAX_PIXELS``
-    pixels, batches of at least ``MATRIX_MIN_BATCH`` (``MATRIX_MIN_BATCH_DW`` for the weight gradient), any dtype
-    (fp32 as bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
-    return H * W <= MATRIX_MAX_PIXELS and N >= (MATRIX_MIN_BATCH_DW if weight_grad else MATRIX_MIN_BATCH)
+    pixels in batches of at least ``MATRIX_MIN_BATCH``; the weight gradient at any batch, on planes whose rows and
+    columns padded to powers of two (``matrix_dw_grid``) make at most ``MATRIX_MAX_PIXELS``. Any dtype (fp32 as
+    bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
+    if weight_grad:
+        hp, wp = matrix_dw_grid(H, W)
+        return hp * wp <= MATRIX_MAX_PIXELS
+    return H * W <= MATRIX_MAX_PIXELS and N >= MATRIX_MIN_BATCH
 
 
 def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
-    """The matrix kernels' offsets inside a group of ``mb`` images (their largest MB) reach 2**31."""
-    return any(mb * abs(st[0]) + MATRIX_MAX_PIXELS * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides)
-
-
-@functools.lru_cache(maxsize=None)
-def matrix_tap_table(KH_T: int, KW_T: int, KH_W: int, KW_W: int, H: int, W: int) -> Tuple[Tuple[Tuple[int, ...], ...],
-                                                                                          int]:
-    """The pixel offsets the matrix weight gradient sums over on an H x W plane, each once, and how many of them
-    lead from a pixel to another (|dh| < H, |dw| < W; they come first, the others' taps get 0): rows (dh, dw,
-    index of the tall tap at that offset (kh * KW_T + kw) or -1, index of the wide tap or -1). A tall and a wide
-    tap at one offset (the centre, where the slots overlap) have the same gradient, so they share one sum."""
-    cols = {}
-    for slot, (KH, KW) in enumerate(((KH_T, KW_T), (KH_W, KW_W))):
-        for kh in range(KH):
-            for kw in range(KW):
-                col = cols.setdefault((kh - KH // 2, kw - KW // 2), [-1, -1])
-                col[slot] = kh * KW + kw
-    rows = [(dh, dw, t, w) for (dh, dw), (t, w) in cols.items()]
-    reach = [r for r in rows if abs(r[0]) < H and abs(r[1]) < W]
-    rows = reach + [r for r in rows if not (abs(r[0]) < H and abs(r[1]) < W)]
-    return tuple(tuple(v) for v in zip(*rows)), len(reach)
-
-
-_TAP_TABLES: dict = {}
-
-
-def _matrix_tap_tensor(shapes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``matrix_tap_table(*shapes)`` as the kernel reads it ([4, NT] int32 on ``device``), made once per shapes and
-    device."""
-    key = (shapes, str(device))
-    if key not in _TAP_TABLES:
-        _TAP_TABLES[key] = torch.tensor(matrix_tap_table(*shapes)[0], dtype=torch.int32, device=device)
-    return _TAP_TABLES[key]
+    """The matrix kernels' offsets inside a group of ``mb`` images (their largest MB) reach 2**31 (rows and
+    columns up to 64: the weight gradient's padded grid)."""
+    return any(mb * abs(st[0]) + 64 * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides)
 
 
 def _matrix_mb_max() -> int:
@@ -686,13 +659,10 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
-        table, reach = matrix_tap_table(KH_T, KW_T, KH_W, KW_W, H, W)
+        hp, wp = matrix_dw_grid(H, W)
         args.update(imgs_per_prog=img, WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, dy_strides),
-                    SPLIT=split, DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16), PP=matrix_pad(H, W),
-                    ONES=need_bias and H * W < matrix_pad(H, W), NT=len(table[0]), NR=reach,
-                    TC=matrix_taps_per_gather(reach))
-        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy",
-                        taps_ptr="taps")
+                    SPLIT=split, DOT_UPCAST=interpreter, HP=hp, WP=wp)
+        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         configs = lk_conv2d_matrix_dw_configs()
         return LaunchSpec("lk_conv2d_matrix_dw_kernel", "dw", lk_conv2d_matrix_dw_kernel,
                           _tuner(lk_conv2d_matrix_dw_kernel, configs, _MATRIX_DW_KEY), args, pointers, configs,
@@ -915,8 +885,6 @@ def launch_lk_conv2d_bwd_dw(
     db = _new_empty(n_splits, C, device=dev) if need_bias else None
     if not _tracing_only(x):
         tensors = dict(x=x, dy=dy, dwt=dwt, dww=dww, db=db, dummy=x)
-        if "taps" in spec.pointers.values():
-            tensors["taps"] = _matrix_tap_tensor((KH_T, KW_T, KH_W, KW_W, H, W), dev)
         for tag, meta in (("t", sparse_t), ("w", sparse_w)):
             if meta is not None:
                 tensors.update({f"{tag}_act": meta[0], f"{tag}_items": meta[1], f"{tag}_count": meta[2]})
