@@ -770,21 +770,17 @@ def lk_conv2d_matrix_default_config(N):
     return {"MB": 16, "IMG": 64, "num_warps": 4, "num_stages": 1}
 
 
-def matrix_pad(h, w):
-    """PP of the matrix kernels: the plane's pixel count rounded up to a power of two, at least 16 (tl.dot)."""
-    return max(16, triton.next_power_of_2(h * w))
-
-
-def matrix_dw_grid(h, w):
-    """(HP, WP) of the matrix weight gradient: the plane's rows and columns padded to powers of two, at least 4
-    (its offset sums are products over HP * HP and WP * WP pairs: tl.dot's K >= 16)."""
+def matrix_grid(h, w):
+    """(HP, WP) of the matrix kernels: the plane's rows and columns padded to powers of two, at least 4 (their
+    offset products run over HP * HP and WP * WP pixel pairs: tl.dot's dimensions >= 16). Pixel (h, w) is index
+    h * WP + w of an HP * WP vector."""
     return max(4, triton.next_power_of_2(h)), max(4, triton.next_power_of_2(w))
 
 
 @triton.jit
-def _matrix_taps(w_c, s_h, s_w, dh, dw, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
-    """One slot's entries of the channel matrix: w_c [KH, KW] (strides s_h, s_w) at the pixel offsets (dh, dw)
-    (tensors of one shape), the kernel rotated by 180 degrees when FLIP; 0 outside the kernel."""
+def _offset_grid(w_c, s_h, s_w, dh, dw, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """One slot's weight at every pixel offset (dh, dw) (tensors of one shape): w_c [KH, KW] (strides s_h, s_w),
+    rotated by 180 degrees when FLIP; 0 outside the kernel."""
     if FLIP:
         kh = KH // 2 - dh
         kw = KW // 2 - dw
@@ -792,6 +788,23 @@ def _matrix_taps(w_c, s_h, s_w, dh, dw, KH: tl.constexpr, KW: tl.constexpr, FLIP
         kh = dh + KH // 2
         kw = dw + KW // 2
     return tl.load(w_c + kh * s_h + kw * s_w, mask=(kh >= 0) & (kh < KH) & (kw >= 0) & (kw < KW), other=0.0)
+
+
+@triton.jit
+def _offset_expand(wk, HP: tl.constexpr, WP: tl.constexpr):
+    """The channel matrix M [HP * WP (q), HP * WP (p)] of the offset grid wk [DH, DW] (offset (dh, dw) at
+    (dh + HP - 1, dw + WP - 1)): M[q, p] = wk[hq - hp + HP - 1, wq - wp + WP - 1] for pixels q = hq * WP + wq,
+    p = hp * WP + wp. Two products with one-hot matrices (each output selects one weight: exact in wk's 16-bit
+    or fp32 type), then [hq, hp, wq, wp] -> [hq, wq, hp, wp]."""
+    DH: tl.constexpr = wk.shape[0]
+    DW: tl.constexpr = wk.shape[1]
+    m = tl.arange(0, HP * HP)      # (hq, hp) = (m // HP, m % HP)
+    e_h = ((m // HP - m % HP + (HP - 1))[:, None] == tl.arange(0, DH)[None, :]).to(wk.dtype)
+    a = tl.dot(e_h, wk).to(wk.dtype)                                       # [(hq, hp), DW]
+    k = tl.arange(0, WP * WP)      # (wq, wp) = (k // WP, k % WP)
+    e_w = (tl.arange(0, DW)[:, None] == (k // WP - k % WP + (WP - 1))[None, :]).to(wk.dtype)
+    mp = tl.dot(a, e_w).to(wk.dtype)                                       # [(hq, hp), (wq, wp)]
+    return tl.reshape(tl.permute(tl.reshape(mp, (HP, HP, WP, WP)), (0, 2, 1, 3)), (HP * WP, HP * WP))
 
 
 @triton.jit
@@ -819,60 +832,71 @@ def lk_conv2d_matrix_fwd_kernel(
                               # matter summed in fp32 (as the plane kernels' bf16x6)
     DOT_PREC: tl.constexpr,   # input_precision of fp32 dots (fp32 without SPLIT)
     DOT_UPCAST: tl.constexpr, # dots in fp32 (interpreter: its tl.dot multiplies bf16 bit patterns)
-    PP: tl.constexpr,         # matrix_pad(H, W)
+    HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_grid), HP * WP <= 64:
+    WP: tl.constexpr,         # pixel (h, w) is index h * WP + w
     MB: tl.constexpr,         # images per tl.dot (its M)
     IMG: tl.constexpr,        # images per program (a multiple of MB)
 ):
     """Grid: (C * cdiv(N, IMG),). Program (c, g) computes y[n, c] for the IMG images n of group g:
-    Y [MB, PP] = X [MB, PP] @ M [PP, PP] (+ bias) per MB images, M gathered once per program (see above).
-    16-bit: the tall and wide slots as two matrices, each exact in the weights' dtype; fp32: their fp32 sum.
-    Every tap is computed (the work does not depend on the taps): sparse calls pass weights zeroed on their
-    inactive lines (the host does, ``launch_lk_conv2d_fwd``)."""
+    Y [MB, PP] = X [MB, PP] @ M [PP, PP] (+ bias) per MB images (PP = HP * WP). M is built once per program from
+    the slots' weights at every pixel offset (an [DH, DW] grid: a few hundred loads) by two products with one-hot
+    matrices (``_offset_expand``). 16-bit: the tall and wide slots as two matrices, each exact in the weights'
+    dtype; fp32: their fp32 sum, expanded as three bf16 parts. Every tap is computed (the work does not depend on
+    the taps): sparse calls pass weights zeroed on their inactive lines (the host does, ``launch_lk_conv2d_fwd``)."""
     c, _, n_start, n_stop = _plane_program(C, N, IMG)
     c64 = c.to(tl.int64)
-    q = tl.arange(0, PP)      # pixel index; rows of M (input pixels) and columns (output pixels) alike
-    qh = q // W
-    qw = q % W
-    q_in = q < H * W
-    dh = qh[:, None] - qh[None, :]
-    dw = qw[:, None] - qw[None, :]
+    PP: tl.constexpr = HP * WP
+    DH: tl.constexpr = 2 * HP if 2 * HP > 16 else 16      # offsets per axis (2 HP - 1 used; tl.dot: >= 16)
+    DW: tl.constexpr = 2 * WP if 2 * WP > 16 else 16
+    dh = tl.arange(0, DH)[:, None] - (HP - 1)
+    dw = tl.arange(0, DW)[None, :] - (WP - 1)
     F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if KW_T > 0:
-        mt = _matrix_taps(wt_ptr + c64 * swt_c, swt_h, swt_w, dh, dw, KH_T, KW_T, FLIP)
+        wk_t = _offset_grid(wt_ptr + c64 * swt_c, swt_h, swt_w, dh, dw, KH_T, KW_T, FLIP)
     if KH_W > 0:
-        mw = _matrix_taps(ww_ptr + c64 * sww_c, sww_h, sww_w, dh, dw, KH_W, KW_W, FLIP)
+        wk_w = _offset_grid(ww_ptr + c64 * sww_c, sww_h, sww_w, dh, dw, KH_W, KW_W, FLIP)
     NP: tl.constexpr = 3 if SPLIT else 1
     if F32:   # one fp32 matrix (a tap in both slots rounds once, as the fp32 sum of their products would)
         if KW_T > 0 and KH_W > 0:
-            m = mt + mw
+            wk = wk_t + wk_w
         elif KW_T > 0:
-            m = mt
+            wk = wk_t
         else:
-            m = mw
-        mps = _operand_parts(m, NP, SPLIT, DOT_UPCAST)
+            wk = wk_w
+        # its three exact bf16 parts expanded one by one (the expansion selects: exact)
+        wps = _operand_parts(wk, 3, True, DOT_UPCAST)
+        mps = ()
+        for a in tl.static_range(3):
+            mps = mps + (_offset_expand(wps[a], HP, WP),)
+        if not SPLIT:   # fp32 dots of DOT_PREC: the parts summed back (exact)
+            mps = (mps[0].to(tl.float32) + mps[1].to(tl.float32) + mps[2].to(tl.float32),)
     else:     # two exact 16-bit matrices
         if KW_T > 0:
-            mps = _operand_parts(mt, 1, False, DOT_UPCAST)
+            mps = (_offset_expand(_operand_parts(wk_t, 1, False, DOT_UPCAST)[0], HP, WP),)
         if KH_W > 0:
-            mws = _operand_parts(mw, 1, False, DOT_UPCAST)
+            mws = (_offset_expand(_operand_parts(wk_w, 1, False, DOT_UPCAST)[0], HP, WP),)
             if KW_T > 0:
                 mps = mps + mws
             else:
                 mps = mws
     NM: tl.constexpr = 1 if F32 else (KW_T > 0) + (KH_W > 0)
+    q = tl.arange(0, PP)
+    hq = q // WP
+    wq = q % WP
+    q_in = (hq < H) & (wq < W)
     r = tl.arange(0, MB)
     if WIDE_IDX:
         r = r.to(tl.int64)
-        qh = qh.to(tl.int64)
-        qw = qw.to(tl.int64)
-    off_x = r[:, None] * sxn + (qh * sxh + qw * sxw)[None, :]
-    off_y = r[:, None] * syn + (qh * syh + qw * syw)[None, :]
+        hq = hq.to(tl.int64)
+        wq = wq.to(tl.int64)
+    off_x = r[:, None] * sxn + (hq * sxh + wq * sxw)[None, :]
+    off_y = r[:, None] * syn + (hq * syh + wq * syw)[None, :]
     x_c = x_ptr + c64 * sxc
     y_c = y_ptr + c64 * syc
     if HAS_BIAS:
         bias = tl.load(b_ptr + c).to(tl.float32)
     for n0 in range(n_start, n_stop, MB):
-        ok = ((n0 + r) < n_stop)[:, None] & q_in[None, :]
+        ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
         xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
         acc = tl.zeros((MB, PP), dtype=tl.float32)
         if F32:
@@ -963,7 +987,7 @@ def lk_conv2d_matrix_dw_kernel(
     WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
     SPLIT: tl.constexpr,      # fp32 as bf16 splits: dy and x as three bf16 parts each, six products in fp32
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_dw_grid), HP * WP
+    HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_grid), HP * WP
     WP: tl.constexpr,         # <= 64: pixel (h, w) is index h * WP + w
     MB: tl.constexpr,         # images per tl.dot (its K)
 ):

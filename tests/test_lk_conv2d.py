@@ -144,7 +144,7 @@ def problems(draw, masks=True):
     shapes = draw(branch_sets())
     C = draw(st.integers(1, MAX_C))
     return dict(
-        path=draw(st.sampled_from(["auto", "matrix", "plane", "tiled"])),
+        path=draw(st.sampled_from(["auto", "plane", "tiled"])),
         N=draw(st.integers(0 if not ON_GPU else 1, MAX_N)), C=C,
         H=draw(st.integers(1, MAX_HW)), W=draw(st.integers(1, MAX_HW)),
         shapes=shapes, dtype=draw(st.sampled_from(DTYPES)),
@@ -182,14 +182,10 @@ def build(p, requires_grad=False):
 
 @contextlib.contextmanager
 def kernel_path(path):
-    """path "auto": the op's own choice (matrix kernels for planes of up to 64 pixels in batches from
-    MATRIX_MIN_BATCH, plane kernels for planes up to 64 x 64, tiled otherwise); "matrix": the matrix kernels on
-    planes of up to 64 pixels whatever the batch (as at large batches); "plane": no matrix kernels (the plane
-    kernels also on the smallest planes); "tiled": the tiled kernels for every plane (as for planes over
-    PLANE_MAX)."""
-    old = op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS, op_mod.MATRIX_MIN_BATCH
-    if path == "matrix":
-        op_mod.MATRIX_MIN_BATCH = 0
+    """path "auto": the op's own choice (matrix kernels for planes whose power-of-two grid holds at most 64 pixels,
+    plane kernels for planes up to 64 x 64, tiled otherwise); "plane": no matrix kernels (the plane kernels also on
+    the smallest planes); "tiled": the tiled kernels for every plane (as for planes over PLANE_MAX)."""
+    old = op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS
     if path in ("plane", "tiled"):
         op_mod.MATRIX_MAX_PIXELS = 0
     if path == "tiled":
@@ -197,7 +193,7 @@ def kernel_path(path):
     try:
         yield
     finally:
-        op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS, op_mod.MATRIX_MIN_BATCH = old
+        op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS = old
 
 
 @given(p=problems())
@@ -752,12 +748,7 @@ def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, s
     the input gradient (FLIP) and the weight and bias gradients match float64 F.conv2d / autograd, any layout, MB
     images per dot over programs of IMG. Sparse: line metadata with weights NOT masked; inactive lines contribute
     nothing (the launcher zeroes them in the weights) and get exactly zero gradient."""
-    with kernel_path("matrix"):
-        run_matrix_kernels(dtype, N, H, W, shapes, layout, MB, IMG, sparse)
-
-
-def run_matrix_kernels(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
-    assert op_mod.use_matrix_kernels(N, H, W) and op_mod.use_matrix_kernels(N, H, W, weight_grad=True)
+    assert op_mod.use_matrix_kernels(H, W)
     torch.manual_seed(N * 100 + H * 10 + W + sparse)
     C = 3
     x = make_layout(torch.randn(N, C, H, W, device=DEV).to(dtype), layout)
@@ -800,25 +791,20 @@ def run_matrix_kernels(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
     assert_close(gb, bd.grad, dtype, 1, "db")
 
 
-def test_matrix_kernels_by_plane_and_batch():
-    """The matrix forward takes planes of up to MATRIX_MAX_PIXELS pixels in batches from MATRIX_MIN_BATCH (smaller
-    batches and larger planes keep the plane kernels); the matrix weight gradient takes any batch, on planes whose
-    power-of-two grid has at most MATRIX_MAX_PIXELS pixels."""
-    def fwd(N, H, W):
+def test_matrix_kernels_by_plane():
+    """The matrix kernels (forward, input and weight gradients) take the planes whose rows and columns, padded to
+    powers of two, hold at most MATRIX_MAX_PIXELS pixels, at every batch; larger ones keep the plane kernels."""
+    def names(N, H, W):
         st = (3 * H * W, H * W, W, 1)
-        return op_mod.fwd_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (65, 5, 1), (5, 13), (65, 13, 1),
-                                      has_bias=True, flip=False, sparse_t=False, sparse_w=False).name
-
-    def dw(N, H, W):
-        st = (3 * H * W, H * W, W, 1)
-        return op_mod.dw_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (5, 13), need_bias=True,
-                                     sparse_t=False, sparse_w=False)[0].name
-    lo = op_mod.MATRIX_MIN_BATCH
-    assert fwd(lo, 7, 7) == fwd(lo, 4, 16) == "lk_conv2d_matrix_fwd_kernel"
-    assert fwd(lo - 1, 7, 7) == fwd(lo, 9, 8) == "lk_conv2d_plane_fwd_kernel"
-    assert dw(1, 8, 8) == dw(1, 4, 16) == dw(64, 7, 7) == "lk_conv2d_matrix_dw_kernel"
-    # the weight gradient's grid pads rows and columns to powers of two: 2 x 30 is a 4 x 32 grid
-    assert dw(64, 2, 30) == dw(64, 9, 7) == "lk_conv2d_plane_dw_kernel"
+        fwd = op_mod.fwd_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (65, 5, 1), (5, 13), (65, 13, 1),
+                                     has_bias=True, flip=False, sparse_t=False, sparse_w=False).name
+        dw = op_mod.dw_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (5, 13), need_bias=True,
+                                   sparse_t=False, sparse_w=False)[0].name
+        return fwd, dw
+    matrix = ("lk_conv2d_matrix_fwd_kernel", "lk_conv2d_matrix_dw_kernel")
+    assert names(1, 7, 7) == names(64, 8, 8) == names(2, 4, 16) == names(2, 3, 3) == matrix
+    # 9 x 7 is a 16 x 8 grid, 2 x 30 a 4 x 32 one
+    assert names(64, 9, 7)[0] == names(1, 2, 30)[0] == "lk_conv2d_plane_fwd_kernel"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -830,7 +816,7 @@ def test_non_finite_input_on_matrix_planes(bad):
     x = torch.randn(2, 2, 7, 7, device=DEV)
     x[1, 0, 2, 3] = bad
     ws = [torch.randn(2, 1, 13, 5, device=DEV) / 8, torch.randn(2, 1, 5, 13, device=DEV) / 8]
-    with kernel_path("matrix"), TritonRan("lk_conv2d_matrix_fwd_kernel"):
+    with TritonRan("lk_conv2d_matrix_fwd_kernel"):
         y = lk_conv2d(x, ws, backend="triton")
     ref = reference64(x, ws, None, None)
     ours, theirs = ~torch.isfinite(y), ~torch.isfinite(ref)
@@ -847,7 +833,7 @@ def test_fp32_precision_picks_the_path(monkeypatch):
     precision, bf16x6 as splits, the others as fp32 dots of that precision. An unknown value names the variable and
     the choices."""
     x = torch.randn(2, 2, 9, 9, device=DEV)
-    xs = torch.randn(op_mod.MATRIX_MIN_BATCH, 2, 9, 7, device=DEV)     # 63 pixels: the matrix kernels
+    xs = torch.randn(2, 2, 7, 6, device=DEV)     # an 8 x 8 grid: the matrix kernels
     ws = [torch.randn(2, 1, 7, 3, device=DEV) / 5, torch.randn(2, 1, 3, 7, device=DEV) / 5]
     ref, ref_s = reference64(x, ws, None, None), reference64(xs, ws, None, None)
     with TritonRan("lk_conv2d_plane_fwd_kernel"):

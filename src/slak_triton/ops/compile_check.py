@@ -51,7 +51,8 @@ SLOT_PATTERNS = [
 ]
 #: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2) and a
 #: 16-padded one (stage 3; the 16-bit weight gradient takes the stacked kernel at stages 2 and 3), the matrix
-#: kernels at 7 x 7 (stage 4, at most ``MATRIX_MAX_PIXELS`` pixels), and the tiled kernels on a plane larger than
+#: kernels at 7 x 7 (stage 4, an 8 x 8 grid of at most ``MATRIX_MAX_PIXELS`` pixels), and the tiled kernels on a
+#: plane larger than
 #: ``PLANE_MAX``.
 PLANES = [(56, 56), (28, 28), (14, 14), (7, 7), (96, 96)]
 
@@ -156,9 +157,8 @@ def specializations(arch: int = 90) -> List[Spec]:
                 for kind in ("fwd", "dx", "dw"):
                     if (H, W) in ((28, 28), (14, 14)) and dtype != "float32" and kind != "dw":
                         continue   # (the 16-bit forward's plane sizes are covered by 56x56 and 7x7)
-                    # on planes of up to 64 pixels the batch picks the forward's kernel (the plane kernel at 2,
-                    # the matrix kernel from MATRIX_MIN_BATCH) and its defaults: also SLaK's stage 4 at batch 64
-                    batches = (2,) if (H, W) != (7, 7) else (2, 16, 64) if name == "slak13" else (2, 16)
+                    # the matrix kernels' defaults depend on the batch: also SLaK's stage 4 at batch 64
+                    batches = (2, 64) if (H, W) == (7, 7) and name == "slak13" else (2,)
                     for sparse, N in ((s, n) for s in (False, True) for n in batches):
                         ls = spec_for(kind, N, 3, H, W, tall, wide, dtype, sparse, arch=arch)
                         cfg = dict(ls.default)

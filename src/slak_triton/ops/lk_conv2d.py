@@ -48,8 +48,7 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_plane_dw_stack_default_config,
     lk_conv2d_plane_dw_stack_kernel,
     lk_conv2d_plane_fwd_kernel,
-    matrix_pad,
-    matrix_dw_grid,
+    matrix_grid,
     plane_pad,
 )
 from slak_triton.reference import apply_mask, lk_conv2d_reference
@@ -509,26 +508,19 @@ def plane_dw_pack(n: int) -> bool:
     return n < b and (4 * b) // n > 4
 
 
-#: Planes of up to this many pixels run on the matrix kernels (``lk_conv2d_matrix_*``: a channel's convolution as
-#: one [H*W, H*W] matrix on the flattened plane; SLaK's stage 4 at 7 x 7) ...
+#: Planes whose rows and columns, padded to powers of two (``matrix_grid``), hold at most this many pixels run on
+#: the matrix kernels (``lk_conv2d_matrix_*``: a channel's convolution as one matrix over the flattened plane;
+#: SLaK's stage 4 at 7 x 7, an 8 x 8 grid), at every batch (model, SLaK-T stage 4, bench/NOTES.md: forward bf16
+#: 0.009 ms at batch 1 as on the plane kernels, 0.011 at batch 64 against 0.095).
 MATRIX_MAX_PIXELS = 64
-#: ... for batches of at least this many images (forward and input gradient). Each program gathers its channel's
-#: matrix (two slots: 2 x 64 x 64 weights at 7 x 7) whatever its number of images; below this batch the plane
-#: kernels' Toeplitz operands (10 x 16 x 16) cost less (model, SLaK-T stage 4, bench/NOTES.md: bf16 at batch 4
-#: 0.013 ms on the plane kernel against 0.017, at batch 8 0.019 against 0.017). The weight gradient has no matrix
-#: to gather and takes the matrix kernel at every batch (batch 1: 0.012 ms against 0.016).
-MATRIX_MIN_BATCH = 8
 
 
-def use_matrix_kernels(N: int, H: int, W: int, weight_grad: bool = False) -> bool:
-    """Whether a call on x [N, C, H, W] runs on the matrix kernels: planes of at most ``MATRIX_MAX_PIXELS``
-    pixels in batches of at least ``MATRIX_MIN_BATCH``; the weight gradient at any batch, on planes whose rows and
-    columns padded to powers of two (``matrix_dw_grid``) make at most ``MATRIX_MAX_PIXELS``. Any dtype (fp32 as
-    bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
-    if weight_grad:
-        hp, wp = matrix_dw_grid(H, W)
-        return hp * wp <= MATRIX_MAX_PIXELS
-    return H * W <= MATRIX_MAX_PIXELS and N >= MATRIX_MIN_BATCH
+def use_matrix_kernels(H: int, W: int) -> bool:
+    """Whether a call on H x W planes runs on the matrix kernels (forward, input and weight gradients): rows and
+    columns padded to powers of two (``matrix_grid``) make at most ``MATRIX_MAX_PIXELS`` pixels. Any dtype (fp32
+    as bf16 splits under ``fp32_precision()`` bf16x6, else as fp32 dots of that precision)."""
+    hp, wp = matrix_grid(H, W)
+    return hp * wp <= MATRIX_MAX_PIXELS
 
 
 def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
@@ -600,12 +592,13 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
     )
     pointers = dict(x_ptr="x", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
-    if use_matrix_kernels(N, H, W):
+    if use_matrix_kernels(H, W):
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
         # (no line metadata: the launcher zeroes a sparse slot's inactive lines in its weights)
         args = {k: v for k, v in args.items() if k not in ("SPARSE_T", "SPARSE_W")}
+        hp, wp = matrix_grid(H, W)
         args.update(WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, y_strides), SPLIT=split,
-                    DOT_UPCAST=interpreter and (split or dtype == torch.bfloat16), PP=matrix_pad(H, W))
+                    DOT_UPCAST=interpreter, HP=hp, WP=wp)
         return LaunchSpec("lk_conv2d_matrix_fwd_kernel", "fwd", lk_conv2d_matrix_fwd_kernel,
                           _tuner(lk_conv2d_matrix_fwd_kernel, lk_conv2d_matrix_configs(), _MATRIX_FWD_KEY), args,
                           pointers, lk_conv2d_matrix_configs(), lk_conv2d_matrix_default_config(N),
@@ -655,11 +648,11 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     )
     pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
                     db_ptr="db" if need_bias else "dummy")
-    if use_matrix_kernels(N, H, W, weight_grad=True):
+    if use_matrix_kernels(H, W):
         img = plane_dw_images_per_program(N, C, sms)
         splits = triton.cdiv(N, img)
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
-        hp, wp = matrix_dw_grid(H, W)
+        hp, wp = matrix_grid(H, W)
         args.update(imgs_per_prog=img, WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, dy_strides),
                     SPLIT=split, DOT_UPCAST=interpreter, HP=hp, WP=wp)
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
@@ -1074,11 +1067,11 @@ def lk_conv2d(
     c only. With dense weights the non-finite outputs are ``F.conv2d``'s plus, for the tall slot (branches with
     kh >= kw, folded), the columns q - KW_T//2 .. q + KW_T//2 of every row of the output tile, and for the wide
     slot the rows r - KH_W//2 .. r + KH_W//2 of every column of the tile (a tile is the whole plane for 16-bit
-    planes up to 64 x 64, else a tile of the tiled kernels whose window holds x[r, q]). On planes of up to 64
-    pixels (``MATRIX_MAX_PIXELS``: the matrix kernels, one matrix per channel over the whole plane) every output of
-    image n and channel c may be non-finite. A line of a slot whose mask is all zero is skipped (except on those
-    small planes): it spreads nothing, where ``F.conv2d`` multiplies the non-finite value by the masked zero
-    weights. Every other output is finite and exact. Matching ``F.conv2d``'s pattern would cost a pass over
+    planes up to 64 x 64, else a tile of the tiled kernels whose window holds x[r, q]). On small planes (rows and
+    columns padded to powers of two hold at most ``MATRIX_MAX_PIXELS`` pixels, e.g. 7 x 7: the matrix kernels, one
+    matrix per channel over the whole plane) every output of image n and channel c may be non-finite. A line of a
+    slot whose mask is all zero is skipped (except on those small planes): it spreads nothing, where ``F.conv2d``
+    multiplies the non-finite value by the masked zero weights. Every other output is finite and exact. Matching ``F.conv2d``'s pattern would cost a pass over
     x on every call; ``backend="reference"`` has it.
     """
     weights, masks = _validate(x, weight, bias, mask, backend)
