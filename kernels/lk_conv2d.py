@@ -23,8 +23,8 @@ whose run covers the whole long axis. Sparse launches read per-channel compacted
 weights and block lists: a run ``[lo, hi)`` of the stored kernel is the run ``[K - hi, K - lo)`` of the flipped one.
 
 Three families, by plane size: the *tiled* kernels above (any plane), the *plane* kernels (a whole plane of up to
-64 x 64 per tile, ``lk_conv2d_plane_*``) and the *matrix* kernels (planes of up to 64 pixels: a channel's whole
-convolution as one matrix over the flattened plane, ``lk_conv2d_matrix_*``).
+64 x 64 per tile, ``lk_conv2d_plane_*``) and the *matrix* kernels (planes up to 8 x 8, 4 x 16, 16 x 4: a channel's
+whole convolution as one matrix over the flattened plane, ``lk_conv2d_matrix_*``).
 """
 
 import triton
@@ -746,18 +746,19 @@ def lk_conv2d_plane_fwd_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Small planes: the whole convolution of a channel as one matrix (``lk_conv2d_matrix_*``)
 # --------------------------------------------------------------------------------------------------------------
-# On a plane of P = H * W <= 64 pixels (SLaK's stage 4: 7 x 7) a 16-padded Toeplitz tile is under a fifth useful
-# and every line is its own product. There the channel's whole convolution is one matrix instead: with pixels
-# flattened (q = h * W + w), y[n, p] = sum_q x[n, q] M[q, p], M[q, p] = wt[dh + KH_T//2, dw + KW_T//2] +
-# ww[dh + KH_W//2, dw + KW_W//2] for (dh, dw) = q - p in pixel coordinates (0 outside a kernel). For a 13-tap
-# kernel on a 7 x 7 plane 83% of M's 49 x 49 entries are taps, and one [MB, PP] @ [PP, PP] product per MB images
-# does all of it, images along M. M is gathered once per program, for its IMG images.
+# On small planes (SLaK's stage 4: 7 x 7) a 16-padded Toeplitz tile is under a fifth useful and every line is its
+# own product. There the channel's whole convolution is one matrix instead. Pixels sit on a power-of-two grid
+# (``matrix_grid``: HP x WP <= 64, pixel (h, w) at h * WP + w): y[n, p] = sum_q x[n, q] M[q, p] with
+# M[q, p] = wt[dh + KH_T//2, dw + KW_T//2] + ww[dh + KH_W//2, dw + KW_W//2] for (dh, dw) = pixel q - pixel p (0
+# outside a kernel). For a 13-tap kernel on a 7 x 7 plane 83% of M's 49 x 49 pixel pairs are taps, and one
+# [MB, PP] @ [PP, PP] product per MB images does all of it, images along M. M depends only on the offsets, so it
+# is expanded from the weights at every offset by products with one-hot matrices (``_offset_expand``), and the
+# weight gradient sums along the offsets the same way (``_offset_sums``).
 
 
 def lk_conv2d_matrix_configs():
-    """Autotune candidates of the matrix kernels (forward and weight gradient): MB images per tl.dot (M of the
-    forward's product, K of the weight gradient's), IMG images per program (a multiple of MB; the forward gathers
-    its matrix once per program). The static model's ranking is in bench/NOTES.md."""
+    """Autotune candidates of the matrix forward: MB images per tl.dot (its M), IMG images per program (a multiple
+    of MB; the forward builds its matrix once per program). The static model's ranking is in bench/NOTES.md."""
     return [triton.Config({"MB": mb, "IMG": img}, num_warps=w, num_stages=1)
             for mb, img, w in [(16, 16, 4), (16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8)]]
 

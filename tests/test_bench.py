@@ -222,7 +222,7 @@ def test_cli_candidates_stacked_weight_gradient_matches_the_launch_plan(tmp_path
 
 
 def test_cli_candidates_matrix_kernels_match_the_launch_plan(tmp_path):
-    """On a plane of up to 64 pixels the op runs the matrix kernels: the records of ``slak-bench candidates`` match
+    """On a 7x7 plane (an 8 x 8 grid) the op runs the matrix kernels: the records of ``slak-bench candidates`` match
     the launch plan's candidates, which list those kernels (dense and sparse, forward, input and weight gradient)."""
     out = tmp_path / "cand.json"
     rc = main(["candidates", "--shape", "2,2,7,7,7", "--kinds", "fwd,dx,dw", "--dtypes", "bf16", "--densities",

@@ -728,7 +728,7 @@ def test_fp32_split_matches_float64(H, W, tall_only, passes, dw_passes, flip, sp
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# matrix kernels (planes of up to 64 pixels)
+# matrix kernels (planes whose power-of-two grid holds at most 64 pixels)
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, N, H, W, shapes, layout, MB, IMG", [
@@ -744,10 +744,10 @@ def test_fp32_split_matches_float64(H, W, tall_only, passes, dw_passes, flip, sp
 ])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
-    """Planes of up to 64 pixels run as one [PP, PP] matrix per channel (``lk_conv2d_matrix_*``): the forward,
-    the input gradient (FLIP) and the weight and bias gradients match float64 F.conv2d / autograd, any layout, MB
-    images per dot over programs of IMG. Sparse: line metadata with weights NOT masked; inactive lines contribute
-    nothing (the launcher zeroes them in the weights) and get exactly zero gradient."""
+    """Small planes (grids up to 64 pixels) run as one [PP, PP] matrix per channel (``lk_conv2d_matrix_*``): the
+    forward, the input gradient (FLIP) and the weight and bias gradients match float64 F.conv2d / autograd, any
+    layout, MB images per dot over programs of IMG. Sparse: line metadata with weights NOT masked; inactive lines
+    contribute nothing (the launcher zeroes them in the weights) and get exactly zero gradient."""
     assert op_mod.use_matrix_kernels(H, W)
     torch.manual_seed(N * 100 + H * 10 + W + sparse)
     C = 3
@@ -809,9 +809,9 @@ def test_matrix_kernels_by_plane():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_on_matrix_planes(bad):
-    """The op's docstring: on planes of up to 64 pixels (the matrix kernels) a non-finite x[n, c, r, q] makes at
-    most every output of image n and channel c non-finite (a superset of F.conv2d's); every other output is finite
-    and exact."""
+    """The op's docstring: on small planes (the matrix kernels) a non-finite x[n, c, r, q] makes at most every
+    output of image n and channel c non-finite (a superset of F.conv2d's); every other output is finite and
+    exact."""
     torch.manual_seed(22)
     x = torch.randn(2, 2, 7, 7, device=DEV)
     x[1, 0, 2, 3] = bad
@@ -829,7 +829,7 @@ def test_non_finite_input_on_matrix_planes(bad):
 
 def test_fp32_precision_picks_the_path(monkeypatch):
     """SLAK_TRITON_FP32_PRECISION: bf16x6 (default) runs fp32 on the plane kernels as bf16 splits where planes
-    allow, any other precision on the tiled kernels; the matrix kernels (planes of up to 64 pixels) take every
+    allow, any other precision on the tiled kernels; the matrix kernels (planes up to 8 x 8) take every
     precision, bf16x6 as splits, the others as fp32 dots of that precision. An unknown value names the variable and
     the choices."""
     x = torch.randn(2, 2, 9, 9, device=DEV)
