@@ -253,13 +253,17 @@ def test_reference_backend_runs_no_kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # tiled and plane kernels
-def test_large_offsets_use_64bit_indexing(monkeypatch, dtype):
+@pytest.mark.parametrize("H, W", [(9, 7), (7, 6)])                     # plane / matrix kernels
+def test_large_offsets_use_64bit_indexing(monkeypatch, dtype, H, W):
     """Planes whose offsets reach 2**31 switch the kernels to int64 in-plane offsets (batch/channel offsets are
     always int64); the int64 variant computes the same result."""
     assert op_mod._wide_idx((70000, 70000), (1, 1, 70000, 1))
     assert not op_mod._wide_idx((224, 224), (3 * 224 * 224, 224 * 224, 224, 1))
+    assert op_mod.matrix_wide_idx(64, (2**25, 1, 7, 1)) and not op_mod.matrix_wide_idx(64, (2**24, 1, 7, 1))
+    assert op_mod.use_matrix_kernels(H, W) == (W == 6)
     monkeypatch.setattr(op_mod, "_wide_idx", lambda plane, strides: True)
-    x = torch.randn(2, 2, 9, 7, device=DEV).to(dtype).requires_grad_(True)
+    monkeypatch.setattr(op_mod, "matrix_wide_idx", lambda mb, *strides: True)
+    x = torch.randn(2, 2, H, W, device=DEV).to(dtype).requires_grad_(True)
     ws = [(torch.randn(2, 1, 13, 3, device=DEV) / 6).to(dtype).requires_grad_(True),
           (torch.randn(2, 1, 3, 13, device=DEV) / 6).to(dtype).requires_grad_(True)]
     with TritonRan("fwd", "dw"):
@@ -268,10 +272,10 @@ def test_large_offsets_use_64bit_indexing(monkeypatch, dtype):
     assert_close(y, reference64(x, ws, None, None), dtype, 78, "y")
     xd = x.detach().double().requires_grad_(True)
     wd = [w.detach().double().requires_grad_(True) for w in ws]
-    lk_conv2d_reference(xd, wd).backward(torch.ones(2, 2, 9, 7, dtype=torch.float64))
+    lk_conv2d_reference(xd, wd).backward(torch.ones(2, 2, H, W, dtype=torch.float64))
     assert_close(x.grad, xd.grad, dtype, 78, "dx")
     for w, r in zip(ws, wd):
-        assert_close(w.grad, r.grad, dtype, 2 * 9 * 7, "dW")
+        assert_close(w.grad, r.grad, dtype, 2 * H * W, "dW")
 
 
 # ----------------------------------------------------------------------------------------------------------------
