@@ -779,16 +779,24 @@ def matrix_grid(h, w):
 
 
 @triton.jit
-def _offset_grid(w_c, s_h, s_w, dh, dw, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+def _offset_grid(w_c, s_h, s_w, act_c, dh, dw, KH: tl.constexpr, KW: tl.constexpr, TALL: tl.constexpr,
+                 FLIP: tl.constexpr, SPARSE: tl.constexpr):
     """One slot's weight at every pixel offset (dh, dw) (tensors of one shape): w_c [KH, KW] (strides s_h, s_w),
-    rotated by 180 degrees when FLIP; 0 outside the kernel."""
+    rotated by 180 degrees when FLIP; 0 outside the kernel and, when SPARSE, on its inactive lines (act_c [lines]
+    0/1, indexing the stored lines: the columns of a tall slot, the rows of a wide one)."""
     if FLIP:
         kh = KH // 2 - dh
         kw = KW // 2 - dw
     else:
         kh = dh + KH // 2
         kw = dw + KW // 2
-    return tl.load(w_c + kh * s_h + kw * s_w, mask=(kh >= 0) & (kh < KH) & (kw >= 0) & (kw < KW), other=0.0)
+    ok = (kh >= 0) & (kh < KH) & (kw >= 0) & (kw < KW)
+    if SPARSE:
+        if TALL:
+            ok = ok & (tl.load(act_c + kw, mask=ok, other=0) != 0)
+        else:
+            ok = ok & (tl.load(act_c + kh, mask=ok, other=0) != 0)
+    return tl.load(w_c + kh * s_h + kw * s_w, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -816,6 +824,8 @@ def lk_conv2d_matrix_fwd_kernel(
     ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0)
     b_ptr,        # [C] bias (HAS_BIAS only)
     y_ptr,        # [N, C, H, W] output, any strides, fully overwritten
+    t_act_ptr,    # [C, KW_T] int32: 1 = tall line j of channel c has an active tap (SPARSE_T only)
+    w_act_ptr,    # [C, KH_W] int32: 1 = wide line i active (SPARSE_W only)
     # ---- sizes ----
     N, C, H, W,
     # ---- strides (elements) ----
@@ -826,6 +836,7 @@ def lk_conv2d_matrix_fwd_kernel(
     # ---- meta-parameters ----
     KH_T: tl.constexpr, KW_T: tl.constexpr,   # tall slot kernel (0, 0 when absent)
     KH_W: tl.constexpr, KW_W: tl.constexpr,   # wide slot kernel (0, 0 when absent)
+    SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr,   # inactive lines' weights read as 0 (the work is the same)
     HAS_BIAS: tl.constexpr,
     FLIP: tl.constexpr,       # correlate with the 180-degree rotated kernels (the input gradient)
     WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
@@ -842,8 +853,8 @@ def lk_conv2d_matrix_fwd_kernel(
     Y [MB, PP] = X [MB, PP] @ M [PP, PP] (+ bias) per MB images (PP = HP * WP). M is built once per program from
     the slots' weights at every pixel offset (an [DH, DW] grid: a few hundred loads) by two products with one-hot
     matrices (``_offset_expand``). 16-bit: the tall and wide slots as two matrices, each exact in the weights'
-    dtype; fp32: their fp32 sum, expanded as three bf16 parts. Every tap is computed (the work does not depend on
-    the taps): sparse calls pass weights zeroed on their inactive lines (the host does, ``launch_lk_conv2d_fwd``)."""
+    dtype; fp32: their fp32 sum, expanded as three bf16 parts. Every entry is computed (the work does not depend on
+    the taps); in sparse launches the offset grid reads an inactive line's weights as 0."""
     c, _, n_start, n_stop = _plane_program(C, N, IMG)
     c64 = c.to(tl.int64)
     PP: tl.constexpr = HP * WP
@@ -853,9 +864,11 @@ def lk_conv2d_matrix_fwd_kernel(
     dw = tl.arange(0, DW)[None, :] - (WP - 1)
     F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     if KW_T > 0:
-        wk_t = _offset_grid(wt_ptr + c64 * swt_c, swt_h, swt_w, dh, dw, KH_T, KW_T, FLIP)
+        wk_t = _offset_grid(wt_ptr + c64 * swt_c, swt_h, swt_w, t_act_ptr + c * KW_T, dh, dw, KH_T, KW_T, True, FLIP,
+                            SPARSE_T)
     if KH_W > 0:
-        wk_w = _offset_grid(ww_ptr + c64 * sww_c, sww_h, sww_w, dh, dw, KH_W, KW_W, FLIP)
+        wk_w = _offset_grid(ww_ptr + c64 * sww_c, sww_h, sww_w, w_act_ptr + c * KH_W, dh, dw, KH_W, KW_W, False, FLIP,
+                            SPARSE_W)
     NP: tl.constexpr = 3 if SPLIT else 1
     if F32:   # one fp32 matrix (a tap in both slots rounds once, as the fp32 sum of their products would)
         if KW_T > 0 and KH_W > 0:
@@ -917,7 +930,7 @@ def lk_conv2d_matrix_dw_configs():
             for mb, w in [(16, 2), (16, 4), (16, 8), (32, 4), (64, 4), (64, 8)]]
 
 
-def lk_conv2d_matrix_dw_default_config(N, elem_bytes=2):
+def lk_conv2d_matrix_dw_default_config():
     """The matrix weight gradient's config where autotuning is off: the static model's best (bench/NOTES.md),
     spill-free for sm_80 and sm_90 (compile check): 16 images per dot, 4 warps."""
     return {"MB": 16, "num_warps": 4, "num_stages": 1}

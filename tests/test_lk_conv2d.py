@@ -751,7 +751,7 @@ def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, s
     """Small planes (grids up to 64 pixels) run as one [PP, PP] matrix per channel (``lk_conv2d_matrix_*``): the
     forward, the input gradient (FLIP) and the weight and bias gradients match float64 F.conv2d / autograd, any
     layout, MB images per dot over programs of IMG. Sparse: line metadata with weights NOT masked; inactive lines
-    contribute nothing (the launcher zeroes them in the weights) and get exactly zero gradient."""
+    contribute nothing (the kernel reads their weights as 0) and get exactly zero gradient."""
     assert op_mod.use_matrix_kernels(H, W)
     torch.manual_seed(N * 100 + H * 10 + W + sparse)
     C = 3

@@ -52,8 +52,7 @@ SLOT_PATTERNS = [
 #: Planes checked: the plane kernels at a 64-padded plane (SLaK stage 1), a 32-padded one (stage 2) and a
 #: 16-padded one (stage 3; the 16-bit weight gradient takes the stacked kernel at stages 2 and 3), the matrix
 #: kernels at 7 x 7 (stage 4, an 8 x 8 grid of at most ``MATRIX_MAX_PIXELS`` pixels), and the tiled kernels on a
-#: plane larger than
-#: ``PLANE_MAX``.
+#: plane larger than ``PLANE_MAX``.
 PLANES = [(56, 56), (28, 28), (14, 14), (7, 7), (96, 96)]
 
 
@@ -274,11 +273,8 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
                      "programs": math.prod(ls.grid(cfg)),
                      "dram_bytes": (3 if extra.get("ADD_Y") else 2) * N * C * H * W * eb}
                     for extra in ls.passes]
-        # a sparse call on the matrix kernel zeroes the inactive lines in both slots' weights first (torch ops:
-        # each [C, K, 5] slot read and written)
-        masking = 2 * 2 * C * 5 * K * eb if density < 1 and ls.name == "lk_conv2d_matrix_fwd_kernel" else 0
         plans.append({"config": {k: v for k, v in cfg.items() if k not in lk_derived_keys(ls)},
-                      "launches": launches, "torch_bytes": masking, "pixels": N * C * H * W})
+                      "launches": launches, "torch_bytes": 0, "pixels": N * C * H * W})
     return plans
 
 

@@ -159,8 +159,8 @@ def fp32_precision() -> str:
     planes padded to at most ``FP32_SPLIT_MAX``, and on the matrix kernels, both operands split into three bf16
     parts each and the six products that matter summed in fp32, exact products up to 2**-26 relative; elsewhere as
     tf32x3), tf32x3 (three TF32 products, about fp32 accuracy; on the tiled kernels), ieee (FMA units, exact fp32;
-    tiled), tf32 (fastest, ~1e-3 relative error; tiled). The matrix kernels (planes of up to
-    ``MATRIX_MAX_PIXELS`` pixels) take every precision: the three others as fp32 dots of that precision."""
+    tiled), tf32 (fastest, ~1e-3 relative error; tiled). The matrix kernels (small planes, ``use_matrix_kernels``)
+    take every precision: the three others as fp32 dots of that precision."""
     p = os.environ.get("SLAK_TRITON_FP32_PRECISION", "bf16x6")
     if p not in FP32_PRECISIONS:
         raise ValueError(f"SLAK_TRITON_FP32_PRECISION: expected one of {FP32_PRECISIONS}, got {p!r}")
@@ -529,8 +529,8 @@ def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
     return any(mb * abs(st[0]) + 64 * (abs(st[2]) + abs(st[3])) >= 2**31 for st in strides)
 
 
-def _matrix_mb_max() -> int:
-    return max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs())
+#: The largest MB of the matrix kernels' configs (their in-group offsets span MB images).
+_MATRIX_MB_MAX = max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs() + lk_conv2d_matrix_dw_configs())
 
 
 #: Rows / columns past a plane that the plane kernels' masked loads may point at (padding and line shifts).
@@ -594,11 +594,10 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
                     b_ptr="bias" if has_bias else "dummy", y_ptr="y")
     if use_matrix_kernels(H, W):
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
-        # (no line metadata: the launcher zeroes a sparse slot's inactive lines in its weights)
-        args = {k: v for k, v in args.items() if k not in ("SPARSE_T", "SPARSE_W")}
         hp, wp = matrix_grid(H, W)
-        args.update(WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, y_strides), SPLIT=split,
+        args.update(WIDE_IDX=matrix_wide_idx(_MATRIX_MB_MAX, x_strides, y_strides), SPLIT=split,
                     DOT_UPCAST=interpreter, HP=hp, WP=wp)
+        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         return LaunchSpec("lk_conv2d_matrix_fwd_kernel", "fwd", lk_conv2d_matrix_fwd_kernel,
                           _tuner(lk_conv2d_matrix_fwd_kernel, lk_conv2d_matrix_configs(), _MATRIX_FWD_KEY), args,
                           pointers, lk_conv2d_matrix_configs(), lk_conv2d_matrix_default_config(N),
@@ -653,13 +652,13 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
         splits = triton.cdiv(N, img)
         split = dtype == torch.float32 and fp32_precision() == "bf16x6"
         hp, wp = matrix_grid(H, W)
-        args.update(imgs_per_prog=img, WIDE_IDX=matrix_wide_idx(_matrix_mb_max(), x_strides, dy_strides),
+        args.update(imgs_per_prog=img, WIDE_IDX=matrix_wide_idx(_MATRIX_MB_MAX, x_strides, dy_strides),
                     SPLIT=split, DOT_UPCAST=interpreter, HP=hp, WP=wp)
         pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
         configs = lk_conv2d_matrix_dw_configs()
         return LaunchSpec("lk_conv2d_matrix_dw_kernel", "dw", lk_conv2d_matrix_dw_kernel,
                           _tuner(lk_conv2d_matrix_dw_kernel, configs, _MATRIX_DW_KEY), args, pointers, configs,
-                          lk_conv2d_matrix_dw_default_config(N, eb), lambda meta: (C * splits,)), splits
+                          lk_conv2d_matrix_dw_default_config(), lambda meta: (C * splits,)), splits
     # fp32 on the plane kernels: x and dy split into bf16 parts in the kernel (as in the forward)
     split = use_fp32_split(H, W, dtype, weight_grad=True, arch=arch)
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
@@ -731,7 +730,8 @@ _plane_fwd_autotuned = triton.autotune(
 )(lk_conv2d_plane_fwd_kernel)
 
 _MATRIX_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "SPLIT"]
-_MATRIX_FWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "FLIP", "SPLIT"]
+_MATRIX_FWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP",
+                   "SPLIT"]
 _PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
 _TILED_DW_KEY = ["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T", "SPARSE_W"]
 _PLANE_DW_STACK_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "ALIGN"]
@@ -788,13 +788,6 @@ def launch_lk_conv2d_fwd(
         items_strides=(sparse_t[1].stride(0) if sparse_t is not None else 0,
                        sparse_w[1].stride(0) if sparse_w is not None else 0),
         interpreter=interpreter_active(), arch=device_arch(x.device))
-    if spec.name == "lk_conv2d_matrix_fwd_kernel":
-        # The matrix kernel's work does not depend on the lines: a sparse slot's inactive lines (the flags index
-        # stored columns of wt, rows of ww) are zeroed in its weights instead ([C, K, 5]; in the op's time).
-        if sparse_t is not None:
-            wt = wt * sparse_t[0][:, None, :].to(wt.dtype)
-        if sparse_w is not None:
-            ww = ww * sparse_w[0][:, :, None].to(ww.dtype)
     tensors = dict(x=x, y=out, wt=wt, ww=ww, bias=bias, dummy=x)
     if "wt_split" in spec.pointers.values():
         tensors["wt_split"] = bf16_splits(wt)
@@ -1071,7 +1064,8 @@ def lk_conv2d(
     columns padded to powers of two hold at most ``MATRIX_MAX_PIXELS`` pixels, e.g. 7 x 7: the matrix kernels, one
     matrix per channel over the whole plane) every output of image n and channel c may be non-finite. A line of a
     slot whose mask is all zero is skipped (except on those small planes): it spreads nothing, where ``F.conv2d``
-    multiplies the non-finite value by the masked zero weights. Every other output is finite and exact. Matching ``F.conv2d``'s pattern would cost a pass over
+    multiplies the non-finite value by the masked zero weights. Every other output is finite and exact. Matching
+    ``F.conv2d``'s pattern would cost a pass over
     x on every call; ``backend="reference"`` has it.
     """
     weights, masks = _validate(x, weight, bias, mask, backend)
