@@ -6,12 +6,13 @@ The static model (``../shared/tools/sass_model.py``) is refitted on GPU timings 
 
 which matches each record to the plan's candidate of the same ``config`` and predicts the record's ``ms`` as the
 sum of that candidate's launches. So a record here is one call of the op (forward, input gradient or weight
-gradient: every launch it makes, e.g. the five of the fp32 split forward on 64-padded planes on Hopper) with
+gradient, or on small 16-bit planes the fused backward: every launch it makes, e.g. the five of the fp32 split
+forward on 64-padded planes on Hopper) with
 one autotune config forced on all its launches, on the shape and line density the plan describes: SLaK's folded
 slots, tall K x 5 and wide 5 x K, and at density d < 1 ``round(10 d)`` of the 10 lines active per channel (the
 tall slot gets the odd one), as ``launch_plans`` models them.
 
-Each call goes through the op's own launchers (``launch_lk_conv2d_fwd`` / ``launch_lk_conv2d_bwd_dw``) with an
+Each call goes through the op's own launchers (``launch_lk_conv2d_fwd`` / ``_bwd_dw`` / ``_bwd``) with an
 explicit config, so what is timed includes what the op does around its kernels (the fp32 weight splits, the
 weight gradient's fixed-order sum of partials); a candidate that fails (e.g. more shared memory than the GPU has)
 is listed under ``failed`` with its error, never among the records.
@@ -28,14 +29,17 @@ import torch
 
 from slak_triton import LAUNCH_COUNTS
 from slak_triton.ops.compile_check import lk_derived_keys, spec_for
-from slak_triton.ops.lk_conv2d import device_arch, launch_lk_conv2d_bwd_dw, launch_lk_conv2d_fwd, line_metadata
+from slak_triton.ops.lk_conv2d import (device_arch, launch_lk_conv2d_bwd, launch_lk_conv2d_bwd_dw, launch_lk_conv2d_fwd,
+                                       line_metadata, use_fused_backward)
 
 from .env import Progress, cuda_mode, time_fn
 
 __all__ = ["KINDS", "DTYPES", "STAGES", "CPU_SHAPE", "CandidateCase", "active_lines", "cases", "run_candidates",
            "format_candidates_table"]
 
-KINDS = ("fwd", "dx", "dw")
+#: fwd, dx (input gradient), dw (weight and bias gradients), bwd (the three in one fused launch, where the op has
+#: one: ``use_fused_backward``).
+KINDS = ("fwd", "dx", "dw", "bwd")
 #: dtype names as the model's records spell them.
 DTYPES: Dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 #: SLaK-T stages at batch 64 as (N, C, H=W, K): the shapes the model's ``--stages`` names.
@@ -68,9 +72,11 @@ def active_lines(density: float) -> Tuple[int, int]:
 
 def cases(kinds: Sequence[str], shapes: Sequence[Tuple[int, int, int, int, int]], dtypes: Sequence[str],
           densities: Sequence[float]) -> List[CandidateCase]:
-    """Every (shape, dtype, density, kind) combination; shapes as (N, C, H, W, K), dtypes by short name."""
+    """Every (shape, dtype, density, kind) combination; shapes as (N, C, H, W, K), dtypes by short name. Kind "bwd"
+    only where the op fuses its backward (``use_fused_backward``: 16-bit, small planes); elsewhere the backward is
+    the "dx" and "dw" calls."""
     return [CandidateCase(k, *s, DTYPES[d], float(den)) for s in shapes for d in dtypes for den in densities
-            for k in kinds]
+            for k in kinds if k != "bwd" or use_fused_backward(s[2], s[3], getattr(torch, DTYPES[d]))]
 
 
 def _line_masks(C: int, K: int, lines: int, tall: bool, gen: torch.Generator, device) -> Optional[torch.Tensor]:
@@ -114,6 +120,9 @@ def _call(case: CandidateCase, device: torch.device, seed: int):
     if case.kind == "dw":
         def run(cfg):
             launch_lk_conv2d_bwd_dw(x, x, (K, 5), (5, K), True, sparse_t=meta_t, sparse_w=meta_w, config=cfg)
+    elif case.kind == "bwd":
+        def run(cfg):
+            launch_lk_conv2d_bwd(x, x, wt, ww, out, True, sparse_t=meta_t, sparse_w=meta_w, config=cfg)
     else:
         flip = case.kind == "dx"
 
@@ -139,9 +148,9 @@ def run_candidates(case_list: Sequence[CandidateCase], device: torch.device, *, 
                         density=case.density, config=plan_cfg)
             prog.step(f"{case.kind} {case.N}x{case.C}x{case.H}x{case.W} K{case.K} {case.dtype} d={case.density}")
             try:
-                before = sum(LAUNCH_COUNTS[k] for k in ("fwd", "dw"))
+                before = sum(LAUNCH_COUNTS[k] for k in ("fwd", "dw", "bwd"))
                 run(full)   # compiles, and counts the call's launches
-                launches = sum(LAUNCH_COUNTS[k] for k in ("fwd", "dw")) - before
+                launches = sum(LAUNCH_COUNTS[k] for k in ("fwd", "dw", "bwd")) - before
                 t = time_fn(lambda cfg=full: run(cfg), warmup_ms=warmup_ms, rep_ms=rep_ms)
             except Exception as e:  # noqa: BLE001 - a failing candidate is reported, the others still run
                 first = str(e).splitlines()[0][:300] if str(e) else ""

@@ -817,6 +817,78 @@ def _offset_expand(wk, HP: tl.constexpr, WP: tl.constexpr):
 
 
 @triton.jit
+def _channel_matrices(wt_c, swt_h, swt_w, ww_c, sww_h, sww_w, t_act_c, w_act_c, KH_T: tl.constexpr,
+                      KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr, SPARSE_T: tl.constexpr,
+                      SPARSE_W: tl.constexpr, FLIP: tl.constexpr, F32: tl.constexpr, SPLIT: tl.constexpr,
+                      UPCAST: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr):
+    """One channel's matrices M [PP, PP] (``_offset_expand``) of its tall (wt_c [KH_T, KW_T]) and wide (ww_c
+    [KH_W, KW_W]) slots, rotated by 180 degrees when FLIP, inactive lines read as 0 when SPARSE (t_act_c / w_act_c:
+    the channel's line flags). 16-bit (not F32): one exact matrix per slot present. F32: the slots' fp32 sum (a tap
+    in both slots rounds once, as the fp32 sum of their products would) as three exact bf16 parts when SPLIT, else
+    the parts summed back into one fp32 matrix (for fp32 dots). UPCAST: the parts as fp32 (interpreter)."""
+    DH: tl.constexpr = 2 * HP if 2 * HP > 16 else 16      # offsets per axis (2 HP - 1 used; tl.dot: >= 16)
+    DW: tl.constexpr = 2 * WP if 2 * WP > 16 else 16
+    dh = tl.arange(0, DH)[:, None] - (HP - 1)
+    dw = tl.arange(0, DW)[None, :] - (WP - 1)
+    if KW_T > 0:
+        wk_t = _offset_grid(wt_c, swt_h, swt_w, t_act_c, dh, dw, KH_T, KW_T, True, FLIP, SPARSE_T)
+    if KH_W > 0:
+        wk_w = _offset_grid(ww_c, sww_h, sww_w, w_act_c, dh, dw, KH_W, KW_W, False, FLIP, SPARSE_W)
+    if F32:
+        if KW_T > 0 and KH_W > 0:
+            wk = wk_t + wk_w
+        elif KW_T > 0:
+            wk = wk_t
+        else:
+            wk = wk_w
+        # its three exact bf16 parts expanded one by one (the expansion selects: exact)
+        wps = _operand_parts(wk, 3, True, UPCAST)
+        mps = ()
+        for a in tl.static_range(3):
+            mps = mps + (_offset_expand(wps[a], HP, WP),)
+        if not SPLIT:
+            mps = (mps[0].to(tl.float32) + mps[1].to(tl.float32) + mps[2].to(tl.float32),)
+    else:
+        if KW_T > 0:
+            mps = (_offset_expand(_operand_parts(wk_t, 1, False, UPCAST)[0], HP, WP),)
+        if KH_W > 0:
+            mws = (_offset_expand(_operand_parts(wk_w, 1, False, UPCAST)[0], HP, WP),)
+            if KW_T > 0:
+                mps = mps + mws
+            else:
+                mps = mws
+    return mps
+
+
+@triton.jit
+def _matrix_dot(a_parts, mps, acc, F32: tl.constexpr, NP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + A @ M for the operand parts of A (``_operand_parts``, NP of them) and the channel's matrices
+    (``_channel_matrices``): the split products of the fp32 sum, or one product per 16-bit slot matrix."""
+    if F32:
+        acc = _split_dots(a_parts, mps, acc, NP, False, DOT_PREC)
+    else:
+        for k in tl.static_range(len(mps)):
+            acc = tl.dot(a_parts[0], mps[k], acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _matrix_tile(sn, sh, sw, H, W, HP: tl.constexpr, WP: tl.constexpr, MB: tl.constexpr, WIDE_IDX: tl.constexpr):
+    """(offsets [MB, PP] of MB consecutive images' planes on the HP x WP grid for strides sn, sh, sw, in int64 when
+    WIDE_IDX; the grid's pixels inside the H x W plane [PP])."""
+    q = tl.arange(0, HP * WP)
+    hq = q // WP
+    wq = q % WP
+    q_in = (hq < H) & (wq < W)
+    r = tl.arange(0, MB)
+    if WIDE_IDX:
+        r = r.to(tl.int64)
+        hq = hq.to(tl.int64)
+        wq = wq.to(tl.int64)
+    return r[:, None] * sn + (hq * sh + wq * sw)[None, :], q_in
+
+
+@triton.jit
 def lk_conv2d_matrix_fwd_kernel(
     # ---- pointers ----
     x_ptr,        # [N, C, H, W] input (dy for the input gradient), any strides
@@ -857,54 +929,13 @@ def lk_conv2d_matrix_fwd_kernel(
     the taps); in sparse launches the offset grid reads an inactive line's weights as 0."""
     c, _, n_start, n_stop = _plane_program(C, N, IMG)
     c64 = c.to(tl.int64)
-    PP: tl.constexpr = HP * WP
-    DH: tl.constexpr = 2 * HP if 2 * HP > 16 else 16      # offsets per axis (2 HP - 1 used; tl.dot: >= 16)
-    DW: tl.constexpr = 2 * WP if 2 * WP > 16 else 16
-    dh = tl.arange(0, DH)[:, None] - (HP - 1)
-    dw = tl.arange(0, DW)[None, :] - (WP - 1)
     F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
-    if KW_T > 0:
-        wk_t = _offset_grid(wt_ptr + c64 * swt_c, swt_h, swt_w, t_act_ptr + c * KW_T, dh, dw, KH_T, KW_T, True, FLIP,
-                            SPARSE_T)
-    if KH_W > 0:
-        wk_w = _offset_grid(ww_ptr + c64 * sww_c, sww_h, sww_w, w_act_ptr + c * KH_W, dh, dw, KH_W, KW_W, False, FLIP,
-                            SPARSE_W)
     NP: tl.constexpr = 3 if SPLIT else 1
-    if F32:   # one fp32 matrix (a tap in both slots rounds once, as the fp32 sum of their products would)
-        if KW_T > 0 and KH_W > 0:
-            wk = wk_t + wk_w
-        elif KW_T > 0:
-            wk = wk_t
-        else:
-            wk = wk_w
-        # its three exact bf16 parts expanded one by one (the expansion selects: exact)
-        wps = _operand_parts(wk, 3, True, DOT_UPCAST)
-        mps = ()
-        for a in tl.static_range(3):
-            mps = mps + (_offset_expand(wps[a], HP, WP),)
-        if not SPLIT:   # fp32 dots of DOT_PREC: the parts summed back (exact)
-            mps = (mps[0].to(tl.float32) + mps[1].to(tl.float32) + mps[2].to(tl.float32),)
-    else:     # two exact 16-bit matrices
-        if KW_T > 0:
-            mps = (_offset_expand(_operand_parts(wk_t, 1, False, DOT_UPCAST)[0], HP, WP),)
-        if KH_W > 0:
-            mws = (_offset_expand(_operand_parts(wk_w, 1, False, DOT_UPCAST)[0], HP, WP),)
-            if KW_T > 0:
-                mps = mps + mws
-            else:
-                mps = mws
-    NM: tl.constexpr = 1 if F32 else (KW_T > 0) + (KH_W > 0)
-    q = tl.arange(0, PP)
-    hq = q // WP
-    wq = q % WP
-    q_in = (hq < H) & (wq < W)
-    r = tl.arange(0, MB)
-    if WIDE_IDX:
-        r = r.to(tl.int64)
-        hq = hq.to(tl.int64)
-        wq = wq.to(tl.int64)
-    off_x = r[:, None] * sxn + (hq * sxh + wq * sxw)[None, :]
-    off_y = r[:, None] * syn + (hq * syh + wq * syw)[None, :]
+    mps = _channel_matrices(wt_ptr + c64 * swt_c, swt_h, swt_w, ww_ptr + c64 * sww_c, sww_h, sww_w,
+                            t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W, SPARSE_T, SPARSE_W,
+                            FLIP, F32, SPLIT, DOT_UPCAST, HP, WP)
+    off_x, q_in = _matrix_tile(sxn, sxh, sxw, H, W, HP, WP, MB, WIDE_IDX)
+    off_y, _ = _matrix_tile(syn, syh, syw, H, W, HP, WP, MB, WIDE_IDX)
     x_c = x_ptr + c64 * sxc
     y_c = y_ptr + c64 * syc
     if HAS_BIAS:
@@ -912,13 +943,8 @@ def lk_conv2d_matrix_fwd_kernel(
     for n0 in range(n_start, n_stop, MB):
         ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
         xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
-        acc = tl.zeros((MB, PP), dtype=tl.float32)
-        if F32:
-            acc = _split_dots(_operand_parts(xt, NP, SPLIT, DOT_UPCAST), mps, acc, NP, False, DOT_PREC)
-        else:
-            xp = _operand_parts(xt, 1, False, DOT_UPCAST)[0]
-            for k in tl.static_range(NM):
-                acc = tl.dot(xp, mps[k], acc, input_precision=DOT_PREC)
+        acc = _matrix_dot(_operand_parts(xt, NP, SPLIT, DOT_UPCAST), mps, tl.zeros((MB, HP * WP), dtype=tl.float32),
+                          F32, NP, DOT_PREC)
         if HAS_BIAS:
             acc += bias
         tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -980,6 +1006,40 @@ def _store_taps(t, out_c, act_c, HP: tl.constexpr, WP: tl.constexpr, KH: tl.cons
 
 
 @triton.jit
+def _pair_sums(dps, xt, g, NP: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """g + DY^T X over MB images: g [PP (output pixel p), PP (input pixel q)] fp32; dps: the operand parts of DY
+    [MB, PP] (``_operand_parts``, NP of them), xt: X [MB, PP] (split alike)."""
+    dts = ()
+    for a in tl.static_range(NP):
+        dts = dts + (tl.trans(dps[a]),)
+    return _split_dots(dts, _operand_parts(xt, NP, SPLIT, UPCAST), g, NP, False, DOT_PREC)
+
+
+@triton.jit
+def _store_offset_grads(g, bsum, dwt_c, dww_c, db_c, t_act_c, w_act_c, KH_T: tl.constexpr, KW_T: tl.constexpr,
+                        KH_W: tl.constexpr, KW_W: tl.constexpr, SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr):
+    """Writes one channel's tap gradients (dwt_c [KH_T, KW_T], dww_c [KH_W, KW_W], contiguous; SPARSE: inactive
+    lines 0) and bias gradient (db_c, HAS_BIAS: the sum of bsum) from g [PP, PP] = sum_n DY_n^T X_n. The gradient
+    of the taps at pixel offset (dh, dw) is the sum of g over the pixel pairs q - p = (dh, dw): viewed as
+    [hp, wp, hq, wq], g is summed along its w offsets (one product with a 0/1 matrix, ``_offset_sums``), then along
+    its h offsets (another), which gives every offset's gradient at once; the padding pixels are zero, so no pair
+    leaves the plane."""
+    DH: tl.constexpr = 2 * HP if 2 * HP > 16 else 16      # offsets per axis (2 HP - 1 used; tl.dot: >= 16)
+    DW: tl.constexpr = 2 * WP if 2 * WP > 16 else 16
+    # [hp, wp, hq, wq] -> [(hp, hq), (wp, wq)]: sums along w offsets, then (transposed) along h offsets
+    gp = tl.reshape(tl.permute(tl.reshape(g, (HP, WP, HP, WP)), (0, 2, 1, 3)), (HP * HP, WP * WP))
+    sw = _offset_sums(gp, WP, DW, UPCAST)                      # [(hp, hq), DW]
+    t = tl.trans(_offset_sums(tl.trans(sw), HP, DH, UPCAST))   # [DH, DW]
+    if KW_T > 0:
+        _store_taps(t, dwt_c, t_act_c, HP, WP, KH_T, KW_T, True, SPARSE_T)
+    if KH_W > 0:
+        _store_taps(t, dww_c, w_act_c, HP, WP, KH_W, KW_W, False, SPARSE_W)
+    if HAS_BIAS:
+        tl.store(db_c, tl.sum(tl.sum(bsum, axis=1), axis=0))
+
+
+@triton.jit
 def lk_conv2d_matrix_dw_kernel(
     # ---- pointers ----
     x_ptr,        # [N, C, H, W] forward input, any strides
@@ -1015,47 +1075,109 @@ def lk_conv2d_matrix_dw_kernel(
     the S partials in a fixed order."""
     c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
     c64 = c.to(tl.int64)
-    PP: tl.constexpr = HP * WP
-    DH: tl.constexpr = 2 * HP if 2 * HP > 16 else 16      # offsets per axis (2 HP - 1 used; tl.dot: >= 16)
-    DW: tl.constexpr = 2 * WP if 2 * WP > 16 else 16
-    q = tl.arange(0, PP)
-    hq = q // WP
-    wq = q % WP
-    q_in = (hq < H) & (wq < W)
-    r = tl.arange(0, MB)
-    if WIDE_IDX:
-        r = r.to(tl.int64)
-        hq = hq.to(tl.int64)
-        wq = wq.to(tl.int64)
-    off_x = r[:, None] * sxn + (hq * sxh + wq * sxw)[None, :]
-    off_d = r[:, None] * sdn + (hq * sdh + wq * sdw)[None, :]
+    NP: tl.constexpr = 3 if SPLIT else 1
+    off_x, q_in = _matrix_tile(sxn, sxh, sxw, H, W, HP, WP, MB, WIDE_IDX)
+    off_d, _ = _matrix_tile(sdn, sdh, sdw, H, W, HP, WP, MB, WIDE_IDX)
     x_c = x_ptr + c64 * sxc
     d_c = dy_ptr + c64 * sdc
-    NP: tl.constexpr = 3 if SPLIT else 1
-    g = tl.zeros((PP, PP), dtype=tl.float32)
-    bsum = tl.zeros((MB, PP) if HAS_BIAS else (1, 1), dtype=tl.float32)
+    g = tl.zeros((HP * WP, HP * WP), dtype=tl.float32)
+    bsum = tl.zeros((MB, HP * WP) if HAS_BIAS else (1, 1), dtype=tl.float32)
     for n0 in range(n_start, n_stop, MB):
         ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
         xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
         dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
         if HAS_BIAS:
             bsum += dt.to(tl.float32)
-        dps = _operand_parts(dt, NP, SPLIT, DOT_UPCAST)
-        dts = ()
-        for a in tl.static_range(NP):
-            dts = dts + (tl.trans(dps[a]),)
-        g = _split_dots(dts, _operand_parts(xt, NP, SPLIT, DOT_UPCAST), g, NP, False, DOT_PREC)
-    # [hp, wp, hq, wq] -> [(hp, hq), (wp, wq)]: sums along w offsets, then (transposed) along h offsets
-    gp = tl.reshape(tl.permute(tl.reshape(g, (HP, WP, HP, WP)), (0, 2, 1, 3)), (HP * HP, WP * WP))
-    sw = _offset_sums(gp, WP, DW, DOT_UPCAST)                      # [(hp, hq), DW]
-    t = tl.trans(_offset_sums(tl.trans(sw), HP, DH, DOT_UPCAST))   # [DH, DW]
+        g = _pair_sums(_operand_parts(dt, NP, SPLIT, DOT_UPCAST), xt, g, NP, SPLIT, DOT_UPCAST, DOT_PREC)
     out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
-    if KW_T > 0:
-        _store_taps(t, dwt_ptr + out_c * (KH_T * KW_T), t_act_ptr + c * KW_T, HP, WP, KH_T, KW_T, True, SPARSE_T)
-    if KH_W > 0:
-        _store_taps(t, dww_ptr + out_c * (KH_W * KW_W), w_act_ptr + c * KH_W, HP, WP, KH_W, KW_W, False, SPARSE_W)
-    if HAS_BIAS:
-        tl.store(db_ptr + out_c, tl.sum(tl.sum(bsum, axis=1), axis=0))
+    _store_offset_grads(g, bsum, dwt_ptr + out_c * (KH_T * KW_T), dww_ptr + out_c * (KH_W * KW_W), db_ptr + out_c,
+                        t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W, SPARSE_T, SPARSE_W,
+                        HAS_BIAS, DOT_UPCAST, HP, WP)
+
+
+def lk_conv2d_matrix_bwd_configs():
+    """Autotune candidates of the fused matrix backward: MB images per tl.dot, warps."""
+    return [triton.Config({"MB": mb}, num_warps=w, num_stages=1)
+            for mb, w in [(16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)]]
+
+
+def lk_conv2d_matrix_bwd_default_config():
+    """The fused matrix backward's config where autotuning is off: the static model's best (bench/NOTES.md),
+    spill-free for sm_80 and sm_90 (compile check)."""
+    return {"MB": 16, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def lk_conv2d_matrix_bwd_kernel(
+    # ---- pointers ----
+    x_ptr,        # [N, C, H, W] forward input, any strides
+    dy_ptr,       # [N, C, H, W] output gradient, any strides
+    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0)
+    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0)
+    dx_ptr,       # [N, C, H, W] input gradient, any strides, fully overwritten
+    dwt_ptr,      # [S, C, KH_T, KW_T] fp32 partial tall gradients, one slice per image group (contiguous)
+    dww_ptr,      # [S, C, KH_W, KW_W] fp32 partial wide gradients (contiguous)
+    db_ptr,       # [S, C] fp32 partial bias gradients (HAS_BIAS only)
+    t_act_ptr,    # [C, KW_T] int32: 1 = tall line j of channel c is active (SPARSE_T only)
+    w_act_ptr,    # [C, KH_W] int32: 1 = wide line i active (SPARSE_W only)
+    # ---- sizes ----
+    N, C, H, W,
+    imgs_per_prog,  # images per program (the host's plane_dw_images_per_program); S = cdiv(N, imgs_per_prog)
+    # ---- strides (elements) ----
+    sxn, sxc, sxh, sxw,
+    sdn, sdc, sdh, sdw,
+    sgn, sgc, sgh, sgw,     # dx
+    swt_c, swt_h, swt_w,
+    sww_c, sww_h, sww_w,
+    # ---- meta-parameters ----
+    KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
+    SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr,   # inactive lines' weights read as 0 (dx)...
+    DENSE_DW: tl.constexpr,   # ... and their taps' gradients computed all the same (else written as 0)
+    HAS_BIAS: tl.constexpr,   # the bias gradient too
+    WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_grid), HP * WP
+    WP: tl.constexpr,         # <= 64: pixel (h, w) is index h * WP + w
+    MB: tl.constexpr,         # images per tl.dot
+):
+    """The input gradient and the weight (and bias) gradients of one channel over one group of images, in one
+    pass over dy. Grid: (C * S,).
+
+    Per MB images: DX [MB, PP] = DY @ M_flip (the input gradient of ``lk_conv2d_matrix_fwd_kernel`` with FLIP, M
+    built once per program) and G += DY^T X (``lk_conv2d_matrix_dw_kernel``), both from the same dy tile; once per program the offset sums of G give every tap's gradient. The backward of a
+    training step then reads dy once and launches once instead of twice. Deterministic: each program writes its
+    own fp32 partial; the host sums the S partials in a fixed order.
+
+    16-bit only: with fp32's three bf16 parts of dy, x and M the program needs 255 registers and spills, and the
+    static model puts it above the two separate launches (bench/NOTES.md)."""
+    tl.static_assert(x_ptr.dtype.element_ty != tl.float32, "the fused matrix backward takes 16-bit tensors")
+    c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
+    c64 = c.to(tl.int64)
+    mps = _channel_matrices(wt_ptr + c64 * swt_c, swt_h, swt_w, ww_ptr + c64 * sww_c, sww_h, sww_w,
+                            t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W, SPARSE_T, SPARSE_W,
+                            True, False, False, DOT_UPCAST, HP, WP)
+    off_x, q_in = _matrix_tile(sxn, sxh, sxw, H, W, HP, WP, MB, WIDE_IDX)
+    off_d, _ = _matrix_tile(sdn, sdh, sdw, H, W, HP, WP, MB, WIDE_IDX)
+    off_g, _ = _matrix_tile(sgn, sgh, sgw, H, W, HP, WP, MB, WIDE_IDX)
+    x_c = x_ptr + c64 * sxc
+    d_c = dy_ptr + c64 * sdc
+    g_c = dx_ptr + c64 * sgc
+    g = tl.zeros((HP * WP, HP * WP), dtype=tl.float32)
+    bsum = tl.zeros((MB, HP * WP) if HAS_BIAS else (1, 1), dtype=tl.float32)
+    for n0 in range(n_start, n_stop, MB):
+        ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
+        dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
+        xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
+        if HAS_BIAS:
+            bsum += dt.to(tl.float32)
+        dps = _operand_parts(dt, 1, False, DOT_UPCAST)
+        acc = _matrix_dot(dps, mps, tl.zeros((MB, HP * WP), dtype=tl.float32), False, 1, DOT_PREC)
+        tl.store(g_c + n0 * sgn + off_g, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+        g = _pair_sums(dps, xt, g, 1, False, DOT_UPCAST, DOT_PREC)
+    out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
+    _store_offset_grads(g, bsum, dwt_ptr + out_c * (KH_T * KW_T), dww_ptr + out_c * (KH_W * KW_W), db_ptr + out_c,
+                        t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W,
+                        SPARSE_T and not DENSE_DW, SPARSE_W and not DENSE_DW, HAS_BIAS, DOT_UPCAST, HP, WP)
 
 
 @triton.jit

@@ -223,16 +223,18 @@ def test_cli_candidates_stacked_weight_gradient_matches_the_launch_plan(tmp_path
 
 def test_cli_candidates_matrix_kernels_match_the_launch_plan(tmp_path):
     """On a 7x7 plane (an 8 x 8 grid) the op runs the matrix kernels: the records of ``slak-bench candidates`` match
-    the launch plan's candidates, which list those kernels (dense and sparse, forward, input and weight gradient)."""
+    the launch plan's candidates, which list those kernels (dense and sparse, forward, input and weight gradient,
+    and the fused backward)."""
     out = tmp_path / "cand.json"
-    rc = main(["candidates", "--shape", "2,2,7,7,7", "--kinds", "fwd,dx,dw", "--dtypes", "bf16", "--densities",
+    rc = main(["candidates", "--shape", "2,2,7,7,7", "--kinds", "fwd,dx,dw,bwd", "--dtypes", "bf16", "--densities",
                "1.0,0.6", "--limit", "2", "--no-progress", "--json", str(out)])
     assert rc == 0
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 3 * 2 * 2
+    assert len(recs) == 4 * 2 * 2
     for r in recs:
         plans = launch_plans(r["kind"], 2, 2, 7, 7, 7, "bfloat16", r["density"])
-        name = "lk_conv2d_matrix_dw_kernel" if r["kind"] == "dw" else "lk_conv2d_matrix_fwd_kernel"
+        name = {"dw": "lk_conv2d_matrix_dw_kernel", "bwd": "lk_conv2d_matrix_bwd_kernel"}.get(
+            r["kind"], "lk_conv2d_matrix_fwd_kernel")
         assert all([ln["kernel"].__name__ for ln in p["launches"]] == [name] for p in plans)
         match = [p for p in plans if p["config"] == r["config"]]
         assert len(match) == 1 and r["launches"] == 1, r["config"]
@@ -278,7 +280,7 @@ def test_cli_candidates_records_match_the_launch_plan(tmp_path, capsys, monkeypa
 def test_cli_candidates_rejects_bad_arguments(capsys):
     for argv, words in ((["--limit", "0"], "--limit: expected an int >= 1, got 0"),
                         (["--shape", "2,3,12"], "--shape: expected N,C,H,W,K"),
-                        (["--stages", "5"], "--stages"), (["--kinds", "bwd"], "--kinds")):
+                        (["--stages", "5"], "--stages"), (["--kinds", "dy"], "--kinds")):
         with pytest.raises(SystemExit) as e:
             main(["candidates", *argv])
         assert e.value.code == 2

@@ -196,6 +196,12 @@ def kernel_path(path):
         op_mod.PLANE_MAX, op_mod.MATRIX_MAX_PIXELS = old
 
 
+def backward_kernels(H, W, dtype):
+    """The launch counters a backward that needs every gradient moves: the fused backward on small 16-bit planes
+    (``use_fused_backward``), else the input-gradient ("fwd" with flip) and weight-gradient kernels."""
+    return ("bwd",) if op_mod.use_fused_backward(H, W, dtype) else ("fwd", "dw")
+
+
 @given(p=problems())
 def test_forward_matches_conv2d_float64(p):
     x, ws, b, ms = build(p)
@@ -266,7 +272,7 @@ def test_large_offsets_use_64bit_indexing(monkeypatch, dtype, H, W):
     x = torch.randn(2, 2, H, W, device=DEV).to(dtype).requires_grad_(True)
     ws = [(torch.randn(2, 1, 13, 3, device=DEV) / 6).to(dtype).requires_grad_(True),
           (torch.randn(2, 1, 3, 13, device=DEV) / 6).to(dtype).requires_grad_(True)]
-    with TritonRan("fwd", "dw"):
+    with TritonRan("fwd", *backward_kernels(H, W, dtype)):
         y = lk_conv2d(x, ws, backend="triton")
         y.backward(torch.ones_like(y))
     assert_close(y, reference64(x, ws, None, None), dtype, 78, "y")
@@ -289,7 +295,7 @@ def test_backward_matches_autograd_float64(p):
     with kernel_path(p["path"]):
         y = lk_conv2d(x, ws, b, mask=ms, backend="triton")
         g = torch.randn(y.shape, device=DEV, dtype=torch.float64).to(y.dtype)
-        with TritonRan("fwd", "dw") if p["N"] > 0 else _null():
+        with TritonRan(*backward_kernels(p["H"], p["W"], p["dtype"])) if p["N"] > 0 else _null():
             y.backward(g)
     xd = x.detach().double().requires_grad_(True)
     wd = [w.detach().double().requires_grad_(True) for w in ws]
@@ -313,12 +319,14 @@ def test_backward_matches_autograd_float64(p):
 
 @pytest.mark.parametrize("how", ["kwarg", "context"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_weight_grad_covers_inactive_taps(how, dtype):
+@pytest.mark.parametrize("plane", [(11, 10), (7, 6)])
+def test_dense_weight_grad_covers_inactive_taps(how, dtype, plane):
     """dense_weight_grad: each weight's gradient is dL/d(weight * mask) at every tap (inactive blocks included),
     checked against float64 autograd through F.conv2d with the masked weight as the leaf; the forward and dx are
-    unchanged, and a call outside the option still gives the masked gradient."""
+    unchanged, and a call outside the option still gives the masked gradient. On 7 x 6 planes the 16-bit backward
+    is the fused matrix kernel (dx from the masked weights, every tap's gradient)."""
     torch.manual_seed(3)
-    C, N, H, W = 3, 2, 11, 10
+    C, N, (H, W) = 3, 2, plane
     x = torch.randn(N, C, H, W, device=DEV, dtype=dtype, requires_grad=True)
     ws = [w.requires_grad_(True) for w in rand_weights(C, [(13, 3), (3, 13), (3, 3)], dtype)]
     ms = [rand_mask(ws[0], "block", 0.5), rand_mask(ws[1], "block", 0.5), None]
@@ -328,7 +336,7 @@ def test_dense_weight_grad_covers_inactive_taps(how, dtype):
     else:
         with slak_triton.dense_weight_grad():
             y = lk_conv2d(x, ws, mask=ms, backend="triton")
-    with TritonRan("fwd", "dw"):
+    with TritonRan(*backward_kernels(H, W, dtype)):
         y.backward(g.to(dtype))   # backward outside the context: the choice was recorded at forward time
     xd = x.detach().double().requires_grad_(True)
     eff = [(w.detach().double() * (m.double() if m is not None else 1)).requires_grad_(True) for w, m in zip(ws, ms)]
@@ -749,9 +757,10 @@ def test_fp32_split_matches_float64(H, W, tall_only, passes, dw_passes, flip, sp
 @pytest.mark.parametrize("sparse", [False, True])
 def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, sparse):
     """Small planes (grids up to 64 pixels) run as one [PP, PP] matrix per channel (``lk_conv2d_matrix_*``): the
-    forward, the input gradient (FLIP) and the weight and bias gradients match float64 F.conv2d / autograd, any
-    layout, MB images per dot over programs of IMG. Sparse: line metadata with weights NOT masked; inactive lines
-    contribute nothing (the kernel reads their weights as 0) and get exactly zero gradient."""
+    forward, the input gradient (FLIP) and the weight and bias gradients, and in 16-bit dtypes the fused backward
+    (all three in one launch), match float64 F.conv2d / autograd, any layout, MB images per dot over programs of
+    IMG. Sparse: line metadata with weights NOT masked; inactive lines contribute nothing (the kernel reads their
+    weights as 0) and get exactly zero gradient."""
     assert op_mod.use_matrix_kernels(H, W)
     torch.manual_seed(N * 100 + H * 10 + W + sparse)
     C = 3
@@ -776,23 +785,34 @@ def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, s
         if dtype == torch.float32:   # bf16x6: fp32 accuracy
             assert rel_l2(y, ref) <= SPLIT_REL_L2, f"relative L2 error {rel_l2(y, ref):.2e}"
     dy = make_layout(torch.randn(N, C, H, W, device=DEV).to(dtype), layout)
-    with TritonRan("lk_conv2d_matrix_dw_kernel"):
-        gt, gw, gb = op_mod.launch_lk_conv2d_bwd_dw(x, dy, None if wt is None else tuple(wt.shape[1:]),
-                                                    None if ww is None else tuple(ww.shape[1:]), True,
-                                                    sparse_t=meta_t, sparse_w=meta_w,
-                                                    config=dict(MB=MB, num_warps=4, num_stages=1))
     wd = [w.detach().double().requires_grad_(True) for w in ref_ws]
     bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
     lk_conv2d_reference(x.double(), wd, bd).backward(dy.double())
-    grads = [g for g in (gt, gw) if g is not None]
+    dx_ref = reference64(dy, [w.flip(2, 3) for w in ref_ws], None, None)
+    with TritonRan("lk_conv2d_matrix_dw_kernel"):
+        grads = op_mod.launch_lk_conv2d_bwd_dw(x, dy, None if wt is None else tuple(wt.shape[1:]),
+                                               None if ww is None else tuple(ww.shape[1:]), True,
+                                               sparse_t=meta_t, sparse_w=meta_w,
+                                               config=dict(MB=MB, num_warps=4, num_stages=1))
+    runs = [("", grads)]
+    if op_mod.use_fused_backward(H, W, dtype):   # the fused backward: dx and the same gradients in one launch
+        dx = torch.full_like(dy, float("nan"))
+        with TritonRan("lk_conv2d_matrix_bwd_kernel"):
+            out = op_mod.launch_lk_conv2d_bwd(x, dy, wt, ww, dx, True, sparse_t=meta_t, sparse_w=meta_w,
+                                              config=dict(MB=MB, num_warps=4, num_stages=1))
+        assert out[0] is dx
+        assert_close(dx, dx_ref, dtype, taps, "fused dx")
+        runs.append(("fused ", out[1:]))
     ons = [on for w, on in ((wt, on_t), (ww, on_w)) if w is not None]
-    for g, w, on, what in zip(grads, wd, ons, ("dW first slot", "dW second slot")):
-        # fp32 sums of exact products of the same inputs: only the rounding of the sums differs
-        assert_close(g * on, w.grad[:, 0] * on, dtype, 1, what)
-        assert torch.equal(g * (1 - on), torch.zeros_like(g)), f"{what}: inactive lines must get exactly zero"
-        if dtype == torch.float32:
-            assert rel_l2(g, w.grad[:, 0] * on) <= SPLIT_REL_L2, f"{what}: relative L2 error"
-    assert_close(gb, bd.grad, dtype, 1, "db")
+    for tag, (gt, gw, gb) in runs:
+        for g, w, on, what in zip([g for g in (gt, gw) if g is not None], wd, ons, ("dW first slot", "dW second slot")):
+            what = tag + what
+            # fp32 sums of exact products of the same inputs: only the rounding of the sums differs
+            assert_close(g * on, w.grad[:, 0] * on, dtype, 1, what)
+            assert torch.equal(g * (1 - on), torch.zeros_like(g)), f"{what}: inactive lines must get exactly zero"
+            if dtype == torch.float32:
+                assert rel_l2(g, w.grad[:, 0] * on) <= SPLIT_REL_L2, f"{what}: relative L2 error"
+        assert_close(gb, bd.grad, dtype, 1, tag + "db")
 
 
 def test_matrix_kernels_by_plane():
@@ -809,6 +829,49 @@ def test_matrix_kernels_by_plane():
     assert names(1, 7, 7) == names(64, 8, 8) == names(2, 4, 16) == names(2, 3, 3) == matrix
     # 9 x 7 is a 16 x 8 grid, 2 x 30 a 4 x 32 one
     assert names(64, 9, 7)[0] == names(1, 2, 30)[0] == "lk_conv2d_plane_fwd_kernel"
+
+    def fused(H, W, dtype):
+        st = (3 * H * W, H * W, W, 1)
+        spec = op_mod.bwd_launch_spec(64, 3, H, W, dtype, st, st, st, (13, 5), (65, 5, 1), (5, 13), (65, 13, 1),
+                                      need_bias=True, sparse_t=False, sparse_w=False, dense_dw=False)
+        return spec and spec[0].name
+    # the fused backward: the matrix planes in 16-bit dtypes
+    assert fused(7, 7, torch.bfloat16) == fused(4, 16, torch.float16) == "lk_conv2d_matrix_bwd_kernel"
+    assert fused(7, 7, torch.float32) is None and fused(9, 7, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("needs", ["all", "weights", "input", "no_bias"])
+def test_fused_backward_only_when_every_gradient_is_needed(needs):
+    """On small 16-bit planes a backward that needs dx and every slot's weight gradient is one fused launch; a
+    backward that needs only some of them launches only their kernels. Every gradient asked for matches float64
+    autograd, the others stay None."""
+    torch.manual_seed(5)
+    dtype, C = torch.bfloat16, 3
+    x = torch.randn(3, C, 7, 6, device=DEV).to(dtype).requires_grad_(needs != "weights")
+    ws = [(torch.randn(C, 1, 13, 5, device=DEV) / 8).to(dtype).requires_grad_(needs != "input"),
+          (torch.randn(C, 1, 5, 13, device=DEV) / 8).to(dtype).requires_grad_(needs != "input")]
+    b = torch.randn(C, device=DEV).to(dtype).requires_grad_(needs not in ("no_bias", "input"))
+    y = lk_conv2d(x, ws, b, backend="triton")
+    g = torch.randn_like(y)
+    before = {k: LAUNCH_COUNTS[k] for k in ("fwd", "dw", "bwd")}
+    y.backward(g)
+    ran = {k: LAUNCH_COUNTS[k] - before[k] for k in before}
+    expected = {"all": dict(fwd=0, dw=0, bwd=1), "no_bias": dict(fwd=0, dw=0, bwd=1),
+                "weights": dict(fwd=0, dw=1, bwd=0), "input": dict(fwd=1, dw=0, bwd=0)}[needs]
+    assert ran == expected
+    xd = x.detach().double().requires_grad_(True)
+    wd = [w.detach().double().requires_grad_(True) for w in ws]
+    bd = b.detach().double().requires_grad_(True)
+    lk_conv2d_reference(xd, wd, bd).backward(g.double())
+    assert (x.grad is None) == (needs == "weights") and (b.grad is None) == (needs in ("input", "no_bias"))
+    if x.grad is not None:
+        assert_close(x.grad, xd.grad, dtype, n_taps([(13, 5), (5, 13)]), "dx")
+    for w, r in zip(ws, wd):
+        assert (w.grad is None) == (needs == "input")
+        if w.grad is not None:
+            assert_close(w.grad, r.grad, dtype, 1, "dW")
+    if b.grad is not None:
+        assert_close(b.grad, bd.grad, dtype, 1, "db")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -1,6 +1,7 @@
 """Compile-only checks of every kernel launch the op makes, and its launch plan for the static performance model.
 
-Both are built from the launchers' own descriptions (``fwd_launch_spec`` / ``dw_launch_spec`` in
+Both are built from the launchers' own descriptions (``fwd_launch_spec`` / ``dw_launch_spec`` /
+``bwd_launch_spec`` in
 ``slak_triton.ops.lk_conv2d``), so what is compiled and modelled here is what the op launches.
 
 * ``python -m slak_triton.ops.compile_check [--arch 90 80] [--sass]``: ``triton.compile(ASTSource(...),
@@ -29,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from slak_triton.ops.lk_conv2d import LaunchSpec, dw_launch_spec, fwd_launch_spec
+from slak_triton.ops.lk_conv2d import LaunchSpec, bwd_launch_spec, dw_launch_spec, fwd_launch_spec
 
 #: Stack bytes tolerated without calling it a spill (see main()).
 MINOR_STACK_BYTES = 8
@@ -79,12 +80,21 @@ def _nonzero(shape):
 
 
 def spec_for(kind, N, C, H, W, tall, wide, dtype, sparse, bias=True, arch=90) -> LaunchSpec:
-    """The launcher's description of one call on an NCHW-contiguous x: kind 'fwd' (with ``bias``), 'dx' (FLIP) or
-    'dw'; tall / wide: (KH, KW) or None; sparse: line metadata passed for both slots; on a GPU of compute
+    """The launcher's description of one call on an NCHW-contiguous x: kind 'fwd' (with ``bias``), 'dx' (FLIP),
+    'dw' or 'bwd' (the fused backward: dx, dW and, with ``bias``, db in one launch; 16-bit on small planes only,
+    else ValueError); tall / wide: (KH, KW) or None; sparse: line metadata passed for both slots; on a GPU of compute
     capability ``arch`` (90 or 80)."""
     st = _contiguous_strides(N, C, H, W)
     dt = _TORCH[dtype]
     tall, wide = _nonzero(tall), _nonzero(wide)
+    if kind == "bwd":
+        fused = bwd_launch_spec(N, C, H, W, dt, st, st, st, tall, _slot_strides(tall), wide, _slot_strides(wide),
+                                need_bias=bias, sparse_t=sparse and tall is not None,
+                                sparse_w=sparse and wide is not None, dense_dw=False, sms=SMS)
+        if fused is None:
+            raise ValueError(f"no fused backward for {dtype} on {H} x {W} planes (it exists where "
+                             "use_fused_backward): time kinds 'dx' and 'dw'")
+        return fused[0]
     if kind == "dw":
         return dw_launch_spec(N, C, H, W, dt, st, st, tall, wide, need_bias=bias, sparse_t=sparse and tall is not None,
                               sparse_w=sparse and wide is not None, items_strides=(tall[1] if tall else 0,
@@ -153,7 +163,9 @@ def specializations(arch: int = 90) -> List[Spec]:
             for H, W in PLANES:
                 if name != "slak51" and (H, W) == (96, 96) and dtype != "float32":
                     continue   # the tiled kernels' slot patterns are covered by slak51 and fp32
-                for kind in ("fwd", "dx", "dw"):
+                for kind in ("fwd", "dx", "dw", "bwd"):
+                    if kind == "bwd" and ((H, W) != (7, 7) or dtype == "float32"):
+                        continue   # (the fused backward exists on the matrix kernels' planes, 16-bit, only)
                     if (H, W) in ((28, 28), (14, 14)) and dtype != "float32" and kind != "dw":
                         continue   # (the 16-bit forward's plane sizes are covered by 56x56 and 7x7)
                     # the matrix kernels' defaults depend on the batch: also SLaK's stage 4 at batch 64
@@ -173,12 +185,13 @@ def specializations(arch: int = 90) -> List[Spec]:
 
 def autotune_specializations(arch: int = 90) -> List[Spec]:
     """Every autotune config of every kernel at SLaK-T stage 1 and stage 4 (batch 64, dense, forward and weight
-    gradient) and of the stacked weight gradient at stages 2 and 3, per dtype: the autotuner may launch any of them
+    gradient; at stage 4 also the fused backward) and of the stacked weight gradient at stages 2 and 3, per dtype: the autotuner may launch any of them
     on a GPU, so each must compile (spills are reported, not fatal: the autotuner times them)."""
     specs = []
     for dtype in ("float16", "bfloat16", "float32"):
         for H, K, C in ((56, 51, 124), (28, 49, 249), (14, 47, 499), (7, 13, 998)):
-            for kind in (("fwd", "dw") if H in (56, 7) else ("dw",)):
+            fused = H == 7 and dtype != "float32"
+            for kind in (("fwd", "dw") if H == 56 else ("fwd", "dw") + ("bwd",) * fused if H == 7 else ("dw",)):
                 ls = spec_for(kind, 64, C, H, H, (K, 5), (5, K), dtype, False, arch=arch)
                 for c in ls.configs:
                     cfg = _config_dict(c)
@@ -210,7 +223,7 @@ def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: i
         return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["NB"]), f"{name}._t": lines, f"{name}._w": lines}
     if name == "lk_conv2d_matrix_fwd_kernel":
         return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["MB"])}
-    if name == "lk_conv2d_matrix_dw_kernel":
+    if name in ("lk_conv2d_matrix_dw_kernel", "lk_conv2d_matrix_bwd_kernel"):
         return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["MB"])}
     if name == "lk_conv2d_plane_dw_stack_kernel":
         return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["NB"])}
@@ -245,8 +258,8 @@ def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: i
 def launch_plans(kind, N, C, H, W, K, dtype, density):
     """Candidates (one per autotune config) of one call of the op on x [N, C, H, W] (NCHW contiguous) with SLaK's
     slots, tall K x 5 (the 5 x 5 branch folded in) and wide 5 x K, as ``sass_model.py predict --plan
-    slak_triton.ops.compile_check:launch_plans`` reads them. kind: 'fwd' (with bias), 'dx' (input gradient) or
-    'dw' (weight and bias gradients); density < 1: a line-sparse call in which that fraction of each slot's lines
+    slak_triton.ops.compile_check:launch_plans`` reads them. kind: 'fwd' (with bias), 'dx' (input gradient),
+    'dw' (weight and bias gradients) or 'bwd' (all three in one fused launch; 16-bit on small planes only); density < 1: a line-sparse call in which that fraction of each slot's lines
     is active (expected trip counts). Each candidate lists the op's launches: one kernel (the per-call line
     metadata are a few tensor ops on [C, K, 5] masks, dW's fixed-order sum of its S x C x 2 x 5K fp32 partials
     reads under 1 MB, and the fp32 forward's bf16 splits of the weights are 3 x 2 x C x 5K elements: all left
@@ -266,12 +279,12 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     plans = []
     for c in ls.configs:
         cfg = _config_dict(c)
-        # compulsory DRAM traffic: x read and y written once (dW: x and dy read); a later fp32 split pass also
-        # reads the y it adds to (ADD_Y)
+        # compulsory DRAM traffic: x read and y written once (dW: x and dy read; the fused backward: x and dy read,
+        # dx written); a later fp32 split pass also reads the y it adds to (ADD_Y)
         launches = [{"kernel": ls.kernel, "args": launch_args(ls, dtype, cfg, extra), "num_warps": cfg["num_warps"],
                      "num_stages": cfg["num_stages"], "trips": _trips(ls, cfg, N, H, W, density, K),
                      "programs": math.prod(ls.grid(cfg)),
-                     "dram_bytes": (3 if extra.get("ADD_Y") else 2) * N * C * H * W * eb}
+                     "dram_bytes": (3 if extra.get("ADD_Y") or kind == "bwd" else 2) * N * C * H * W * eb}
                     for extra in ls.passes]
         plans.append({"config": {k: v for k, v in cfg.items() if k not in lk_derived_keys(ls)},
                       "launches": launches, "torch_bytes": 0, "pixels": N * C * H * W})

@@ -32,6 +32,9 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_default_config,
     lk_conv2d_fwd_configs,
     lk_conv2d_fwd_kernel,
+    lk_conv2d_matrix_bwd_configs,
+    lk_conv2d_matrix_bwd_default_config,
+    lk_conv2d_matrix_bwd_kernel,
     lk_conv2d_matrix_configs,
     lk_conv2d_matrix_default_config,
     lk_conv2d_matrix_dw_configs,
@@ -65,12 +68,15 @@ __all__ = [
     "fold_branches",
     "launch_lk_conv2d_fwd",
     "launch_lk_conv2d_bwd_dw",
+    "launch_lk_conv2d_bwd",
     "lk_conv2d_fwd_op",
     "lk_conv2d_bwd_dw_op",
+    "lk_conv2d_bwd_op",
     "line_metadata",
     "slot_metadata",
     "use_plane_kernels",
     "use_matrix_kernels",
+    "use_fused_backward",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -79,7 +85,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP32_PRECISIONS = ("bf16x6", "tf32x3", "ieee", "tf32")
 
 #: Kernel launches, counted on every Triton launch (compiled or interpreted), per kernel name and per op stage:
-#: "fwd" (a forward or input-gradient kernel) and "dw" (a weight-gradient kernel). Tests read it to prove that the
+#: "fwd" (a forward or input-gradient kernel), "dw" (a weight-gradient kernel) and "bwd" (a fused backward: input
+#: and weight gradients in one kernel). Tests read it to prove that the
 #: Triton path ran and not the reference.
 LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
 
@@ -523,6 +530,14 @@ def use_matrix_kernels(H: int, W: int) -> bool:
     return hp * wp <= MATRIX_MAX_PIXELS
 
 
+def use_fused_backward(H: int, W: int, dtype: torch.dtype) -> bool:
+    """Whether the backward of a call on H x W planes, when it needs the input and every weight gradient, is one
+    fused launch (``lk_conv2d_matrix_bwd_kernel``): on the matrix kernels' planes in 16-bit dtypes. fp32 keeps
+    the two launches: with its three bf16 parts the fused program needs 255 registers and spills, and the static
+    model puts it above the two (SLaK-T stage 4: 0.040 against 0.014 + 0.019 ms)."""
+    return use_matrix_kernels(H, W) and dtype != torch.float32
+
+
 def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
     """The matrix kernels' offsets inside a group of ``mb`` images (their largest MB) reach 2**31 (rows and
     columns up to 64: the weight gradient's padded grid)."""
@@ -530,7 +545,8 @@ def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
 
 
 #: The largest MB of the matrix kernels' configs (their in-group offsets span MB images).
-_MATRIX_MB_MAX = max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs() + lk_conv2d_matrix_dw_configs())
+_MATRIX_MB_MAX = max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs() + lk_conv2d_matrix_dw_configs()
+                     + lk_conv2d_matrix_bwd_configs())
 
 
 #: Rows / columns past a plane that the plane kernels' masked loads may point at (padding and line shifts).
@@ -552,7 +568,7 @@ class LaunchSpec:
     argument (sizes, strides, constexprs); pointers: {argument: role}, the role naming the tensor the launcher
     passes ("x", "y", "dy", "wt", "ww", "bias", "t_act", ... or "dummy" for an operand that is never read);
     configs: the autotune candidates (triton.Config); default: the config used without autotuning;
-    grid: meta -> grid tuple; kind: "fwd" (forward or input gradient) or "dw"; passes: the launches of one call,
+    grid: meta -> grid tuple; kind: "fwd" (forward or input gradient), "dw" or "bwd" (both gradients); passes: the launches of one call,
     in order, each as its arguments' overrides of ``args`` (several for the fp32 split forward)."""
     name: str
     kind: str
@@ -702,6 +718,41 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                       configs, default, lambda meta: (C, splits)), splits
 
 
+def bwd_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, dx_strides, wt_shape, wt_strides, ww_shape,
+                    ww_strides, *, need_bias, sparse_t, sparse_w, dense_dw, sms=132,
+                    interpreter=False) -> Optional[Tuple[LaunchSpec, int]]:
+    """The fused backward launch (input, weight and bias gradients in one kernel) and its number of partial slices
+    S, or None where there is none (planes off the matrix kernels: the backward is ``fwd_launch_spec`` with flip
+    and ``dw_launch_spec``). sparse_t / sparse_w: the slot's inactive lines are read as 0 (dx) and get a zero
+    gradient unless ``dense_dw``."""
+    if not use_fused_backward(H, W, dtype):
+        return None
+    KH_T, KW_T = wt_shape if wt_shape is not None else (0, 0)
+    KH_W, KW_W = ww_shape if ww_shape is not None else (0, 0)
+    wts, wws = wt_strides or (0, 0, 0), ww_strides or (0, 0, 0)
+    img = plane_dw_images_per_program(N, C, sms)
+    splits = triton.cdiv(N, img)
+    hp, wp = matrix_grid(H, W)
+    args = dict(
+        N=N, C=C, H=H, W=W, imgs_per_prog=img,
+        sxn=x_strides[0], sxc=x_strides[1], sxh=x_strides[2], sxw=x_strides[3],
+        sdn=dy_strides[0], sdc=dy_strides[1], sdh=dy_strides[2], sdw=dy_strides[3],
+        sgn=dx_strides[0], sgc=dx_strides[1], sgh=dx_strides[2], sgw=dx_strides[3],
+        swt_c=wts[0], swt_h=wts[1], swt_w=wts[2], sww_c=wws[0], sww_h=wws[1], sww_w=wws[2],
+        KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, SPARSE_T=sparse_t, SPARSE_W=sparse_w, DENSE_DW=dense_dw,
+        HAS_BIAS=need_bias, WIDE_IDX=matrix_wide_idx(_MATRIX_MB_MAX, x_strides, dy_strides, dx_strides),
+        DOT_PREC=_dot_precision(), DOT_UPCAST=interpreter, HP=hp, WP=wp,
+    )
+    pointers = dict(x_ptr="x", dy_ptr="dy", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
+                    dx_ptr="dx", dwt_ptr="dwt" if wt_shape else "dummy", dww_ptr="dww" if ww_shape else "dummy",
+                    db_ptr="db" if need_bias else "dummy", t_act_ptr="t_act" if sparse_t else "dummy",
+                    w_act_ptr="w_act" if sparse_w else "dummy")
+    configs = lk_conv2d_matrix_bwd_configs()
+    return LaunchSpec("lk_conv2d_matrix_bwd_kernel", "bwd", lk_conv2d_matrix_bwd_kernel,
+                      _tuner(lk_conv2d_matrix_bwd_kernel, configs, _MATRIX_BWD_KEY), args, pointers, configs,
+                      lk_conv2d_matrix_bwd_default_config(), lambda meta: (C * splits,)), splits
+
+
 def _run(spec: LaunchSpec, tensors: dict, config: Optional[dict]) -> None:
     """Launches ``spec`` with its pointer arguments taken from ``tensors`` by role (autotuned unless a config is
     given or autotuning is off)."""
@@ -732,6 +783,7 @@ _plane_fwd_autotuned = triton.autotune(
 _MATRIX_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "SPLIT"]
 _MATRIX_FWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP",
                    "SPLIT"]
+_MATRIX_BWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "DENSE_DW", "HAS_BIAS"]
 _PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
 _TILED_DW_KEY = ["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T", "SPARSE_W"]
 _PLANE_DW_STACK_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "ALIGN"]
@@ -880,6 +932,55 @@ def launch_lk_conv2d_bwd_dw(
             db.sum(0) if db is not None else None)
 
 
+def launch_lk_conv2d_bwd(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    wt: Optional[torch.Tensor],
+    ww: Optional[torch.Tensor],
+    dx: torch.Tensor,
+    need_bias: bool,
+    *,
+    sparse_t: "Optional[SlotMeta]" = None,
+    sparse_w: "Optional[SlotMeta]" = None,
+    dense_dw: bool = False,
+    config: Optional[dict] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The whole backward of ``launch_lk_conv2d_fwd`` in one launch where ``bwd_launch_spec`` has a fused kernel
+    (``use_fused_backward``: small planes, 16-bit): the input gradient into ``dx`` (as the forward with ``flip``) and the
+    weight (and bias) gradients as ``launch_lk_conv2d_bwd_dw`` returns them (fp32 partials summed here in a fixed
+    order). Elsewhere the two launchers, one after the other. sparse_t / sparse_w: None or the slot's
+    ``line_metadata`` (inactive lines: weights read as 0; gradient 0 unless ``dense_dw``). config: explicit
+    meta-parameters of the fused kernel (tests, tuning). Returns (dx, d_tall or None, d_wide or None, d_bias or
+    None), the weight and bias gradients fp32."""
+    N, C, H, W = x.shape
+    dev = x.device
+    tall_shape = tuple(wt.shape[1:]) if wt is not None else None
+    wide_shape = tuple(ww.shape[1:]) if ww is not None else None
+    spec = None if N == 0 else bwd_launch_spec(
+        N, C, H, W, x.dtype, x.stride(), dy.stride(), dx.stride(), tall_shape, wt.stride() if wt is not None else None,
+        wide_shape, ww.stride() if ww is not None else None, need_bias=need_bias, sparse_t=sparse_t is not None,
+        sparse_w=sparse_w is not None, dense_dw=dense_dw, sms=_num_sms(dev), interpreter=interpreter_active())
+    if spec is None:   # (no fused kernel for these planes or dtype, or no image)
+        launch_lk_conv2d_fwd(dy, wt, ww, None, dx, flip=True, sparse_t=sparse_t, sparse_w=sparse_w)
+        gt, gw, gb = launch_lk_conv2d_bwd_dw(x, dy, tall_shape, wide_shape, need_bias,
+                                             sparse_t=None if dense_dw else sparse_t,
+                                             sparse_w=None if dense_dw else sparse_w)
+        return dx, gt, gw, gb
+    spec, n_splits = spec
+    dwt = _new_empty(n_splits, C, *tall_shape, device=dev) if wt is not None else None
+    dww = _new_empty(n_splits, C, *wide_shape, device=dev) if ww is not None else None
+    db = _new_empty(n_splits, C, device=dev) if need_bias else None
+    if not _tracing_only(x):
+        tensors = dict(x=x, dy=dy, wt=wt, ww=ww, dx=dx, dwt=dwt, dww=dww, db=db, dummy=x)
+        for tag, meta in (("t", sparse_t), ("w", sparse_w)):
+            if meta is not None:
+                tensors[f"{tag}_act"] = meta[0]
+        _run(spec, tensors, config)
+    # fixed-order reduction over the splits: deterministic
+    return (dx, dwt.sum(0) if dwt is not None else None, dww.sum(0) if dww is not None else None,
+            db.sum(0) if db is not None else None)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # block-sparse metadata
 # --------------------------------------------------------------------------------------------------------------
@@ -980,6 +1081,35 @@ def lk_conv2d_bwd_dw_op(
             gb if gb is not None else empty(0))
 
 
+@triton_op("slak_triton::lk_conv2d_bwd", mutates_args={})
+def lk_conv2d_bwd_op(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    wt: Optional[torch.Tensor],
+    ww: Optional[torch.Tensor],
+    need_bias: bool,
+    t_lines: Optional[torch.Tensor] = None,
+    t_items: Optional[torch.Tensor] = None,
+    t_count: Optional[torch.Tensor] = None,
+    w_lines: Optional[torch.Tensor] = None,
+    w_items: Optional[torch.Tensor] = None,
+    w_count: Optional[torch.Tensor] = None,
+    dense_dw: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.slak_triton.lk_conv2d_bwd``: the whole backward of ``lk_conv2d_fwd`` for forward input ``x``
+    and output gradient ``dy``: (dx in x's dtype and memory format, fp32 tall [C, KH_T, KW_T], wide [C, KH_W, KW_W]
+    and bias [C] gradients; an absent slot or a bias not asked for comes back with zero elements). One fused
+    launch on small planes in 16-bit dtypes (``launch_lk_conv2d_bwd``). With line metadata, inactive lines' weights count 0 and
+    their taps get 0 unless ``dense_dw``. Deterministic."""
+    C = x.shape[1]
+    dx = _empty_like_layout(dy)
+    _, gt, gw, gb = launch_lk_conv2d_bwd(x, dy, wt, ww, dx, need_bias, sparse_t=_meta(t_lines, t_items, t_count),
+                                         sparse_w=_meta(w_lines, w_items, w_count), dense_dw=dense_dw)
+    empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return (dx, gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
+            gb if gb is not None else empty(0))
+
+
 def _fwd_setup_context(ctx, inputs, output):
     x, wt, ww, bias, t_lines, t_items, t_count, w_lines, w_items, w_count, flip, dense_dw = inputs
     if flip:
@@ -1000,6 +1130,14 @@ def _fwd_backward(ctx, dy):
     x, wt, ww, t_lines, t_items, t_count, w_lines, w_items, w_count = ctx.saved_tensors
     need_x, need_t, need_w, need_b = ctx.needs_input_grad[:4]
     dx = dwt = dww = db = None
+    need_b = need_b and ctx.has_bias
+    if need_x and (wt is None or need_t) and (ww is None or need_w) and use_fused_backward(*x.shape[2:], x.dtype):
+        # every gradient at once: one fused launch (reads dy once)
+        # (dense_dw: every tap's gradient, while the inactive lines' weights still count 0 in dx)
+        dx, gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd(x, dy, wt, ww, need_b, t_lines, t_items, t_count,
+                                                             w_lines, w_items, w_count, ctx.dense_dw)
+        return (dx, gt.to(wt.dtype) if wt is not None else None, gw.to(ww.dtype) if ww is not None else None,
+                gb.to(x.dtype) if need_b else None, None, None, None, None, None, None, None, None)
     if need_x:
         dx = torch.ops.slak_triton.lk_conv2d_fwd(dy, wt, ww, None, t_lines, t_items, t_count, w_lines, w_items,
                                                  w_count, True)
@@ -1008,12 +1146,11 @@ def _fwd_backward(ctx, dy):
         kw = tuple(ww.shape[1:]) if (ww is not None and need_w) else (0, 0)
         if ctx.dense_dw:   # every tap's gradient: no line lists
             t_lines = t_items = t_count = w_lines = w_items = w_count = None
-        gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1],
-                                                            bool(need_b and ctx.has_bias), t_lines, t_items, t_count,
-                                                            w_lines, w_items, w_count)
+        gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1], need_b, t_lines,
+                                                            t_items, t_count, w_lines, w_items, w_count)
         dwt = gt.to(wt.dtype) if kt[0] else None
         dww = gw.to(ww.dtype) if kw[0] else None
-        db = gb.to(x.dtype) if (need_b and ctx.has_bias) else None
+        db = gb.to(x.dtype) if need_b else None
     return dx, dwt, dww, db, None, None, None, None, None, None, None, None
 
 
