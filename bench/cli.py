@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on SLaK-T stage shapes; --json writes the records `sass_model.py calibrate "
                                    "--plan slak_triton.ops.compile_check:launch_plans` reads. See docs/benchmarks.md.")
     c.add_argument("--kinds", default=list(bench_candidates.KINDS),
-                   type=lambda v: _csv_list(v, bench_candidates.KINDS, "--kinds"))
+                   type=lambda v: _csv_list(v, bench_candidates.KINDS, "--kinds"),
+                   help="fwd, dx, dw, bwd (the fused backward: only on shapes and dtypes that have one, 16-bit on "
+                        "planes up to 8x8); default all")
     c.add_argument("--stages", default=None, type=lambda v: [int(t) for t in _csv_list(v, ("1", "2", "3", "4"),
                                                                                         "--stages")],
                    help="SLaK-T stages at batch 64 (default 1,2,3,4 on a GPU)")
