@@ -950,18 +950,6 @@ def lk_conv2d_matrix_fwd_kernel(
         tl.store(y_c + n0 * syn + off_y, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def lk_conv2d_matrix_dw_configs():
-    """Autotune candidates of the matrix weight gradient: MB images per tl.dot (its K), warps."""
-    return [triton.Config({"MB": mb}, num_warps=w, num_stages=1)
-            for mb, w in [(16, 2), (16, 4), (16, 8), (32, 4), (64, 4), (64, 8)]]
-
-
-def lk_conv2d_matrix_dw_default_config():
-    """The matrix weight gradient's config where autotuning is off: the static model's best (bench/NOTES.md),
-    spill-free for sm_80 and sm_90 (compile check): 16 images per dot, 4 warps."""
-    return {"MB": 16, "num_warps": 4, "num_stages": 1}
-
-
 @triton.jit
 def _offset_sums(v, N: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
     """S[m, j] = sum_{a - b = j - (N - 1)} v[m, b * N + a] for v [M, N * N] fp32 (the columns are pairs (b, a) of
@@ -1039,71 +1027,19 @@ def _store_offset_grads(g, bsum, dwt_c, dww_c, db_c, t_act_c, w_act_c, KH_T: tl.
         tl.store(db_c, tl.sum(tl.sum(bsum, axis=1), axis=0))
 
 
-@triton.jit
-def lk_conv2d_matrix_dw_kernel(
-    # ---- pointers ----
-    x_ptr,        # [N, C, H, W] forward input, any strides
-    dy_ptr,       # [N, C, H, W] output gradient, any strides
-    dwt_ptr,      # [S, C, KH_T, KW_T] fp32 partial tall gradients, one slice per image group (contiguous)
-    dww_ptr,      # [S, C, KH_W, KW_W] fp32 partial wide gradients (contiguous)
-    db_ptr,       # [S, C] fp32 partial bias gradients
-    t_act_ptr,    # [C, KW_T] int32 active tall lines (SPARSE_T only; inactive lines get a zero gradient)
-    w_act_ptr,    # [C, KH_W] int32 active wide lines (SPARSE_W only)
-    # ---- sizes ----
-    N, C, H, W,
-    imgs_per_prog,  # images per program (the host's plane_dw_images_per_program); S = cdiv(N, imgs_per_prog)
-    # ---- strides (elements) ----
-    sxn, sxc, sxh, sxw,
-    sdn, sdc, sdh, sdw,
-    # ---- meta-parameters ----
-    KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
-    SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
-    SPLIT: tl.constexpr,      # fp32 as bf16 splits: dy and x as three bf16 parts each, six products in fp32
-    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_grid), HP * WP
-    WP: tl.constexpr,         # <= 64: pixel (h, w) is index h * WP + w
-    MB: tl.constexpr,         # images per tl.dot (its K)
-):
-    """Weight (and bias) gradients of one channel over one group of images. Grid: (C * S,).
-
-    G = sum_n DY_n^T X_n ([PP, PP], PP = HP * WP: output pixel p x input pixel q, MB images per dot along K); the
-    gradient of a tap at pixel offset (dh, dw) is the sum of G over the pixel pairs q - p = (dh, dw). Viewed as
-    [hp, wp, hq, wq], G is summed along its w offsets (one product with a 0/1 matrix, ``_offset_sums``), then along
-    its h offsets (another), which gives every offset's gradient at once, once per program; the padding pixels
-    are zero, so no pair leaves the plane. Deterministic: each program writes its own fp32 partial; the host sums
-    the S partials in a fixed order."""
-    c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
-    c64 = c.to(tl.int64)
-    NP: tl.constexpr = 3 if SPLIT else 1
-    off_x, q_in = _matrix_tile(sxn, sxh, sxw, H, W, HP, WP, MB, WIDE_IDX)
-    off_d, _ = _matrix_tile(sdn, sdh, sdw, H, W, HP, WP, MB, WIDE_IDX)
-    x_c = x_ptr + c64 * sxc
-    d_c = dy_ptr + c64 * sdc
-    g = tl.zeros((HP * WP, HP * WP), dtype=tl.float32)
-    bsum = tl.zeros((MB, HP * WP) if HAS_BIAS else (1, 1), dtype=tl.float32)
-    for n0 in range(n_start, n_stop, MB):
-        ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
-        xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
-        dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
-        if HAS_BIAS:
-            bsum += dt.to(tl.float32)
-        g = _pair_sums(_operand_parts(dt, NP, SPLIT, DOT_UPCAST), xt, g, NP, SPLIT, DOT_UPCAST, DOT_PREC)
-    out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
-    _store_offset_grads(g, bsum, dwt_ptr + out_c * (KH_T * KW_T), dww_ptr + out_c * (KH_W * KW_W), db_ptr + out_c,
-                        t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W, SPARSE_T, SPARSE_W,
-                        HAS_BIAS, DOT_UPCAST, HP, WP)
-
-
-def lk_conv2d_matrix_bwd_configs():
-    """Autotune candidates of the fused matrix backward: MB images per tl.dot, warps."""
+def lk_conv2d_matrix_bwd_configs(dx: bool):
+    """Autotune candidates of the matrix backward (``lk_conv2d_matrix_bwd_kernel``; ``dx``: with the input
+    gradient): MB images per tl.dot, warps."""
+    if dx:
+        return [triton.Config({"MB": mb}, num_warps=w, num_stages=1)
+                for mb, w in [(16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)]]
     return [triton.Config({"MB": mb}, num_warps=w, num_stages=1)
-            for mb, w in [(16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)]]
+            for mb, w in [(16, 2), (16, 4), (16, 8), (32, 4), (64, 4), (64, 8)]]
 
 
 def lk_conv2d_matrix_bwd_default_config():
-    """The fused matrix backward's config where autotuning is off: the static model's best (bench/NOTES.md),
-    spill-free for sm_80 and sm_90 (compile check)."""
+    """The matrix backward's config where autotuning is off, with or without the input gradient: the static
+    model's best (bench/NOTES.md), spill-free for sm_80 and sm_90 (compile check): 16 images per dot, 4 warps."""
     return {"MB": 16, "num_warps": 4, "num_stages": 1}
 
 
@@ -1112,9 +1048,9 @@ def lk_conv2d_matrix_bwd_kernel(
     # ---- pointers ----
     x_ptr,        # [N, C, H, W] forward input, any strides
     dy_ptr,       # [N, C, H, W] output gradient, any strides
-    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (unused when KW_T == 0)
-    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (unused when KH_W == 0)
-    dx_ptr,       # [N, C, H, W] input gradient, any strides, fully overwritten
+    wt_ptr,       # [C, KH_T, KW_T] tall-slot weights (DX only)
+    ww_ptr,       # [C, KH_W, KW_W] wide-slot weights (DX only)
+    dx_ptr,       # [N, C, H, W] input gradient, any strides, fully overwritten (DX only)
     dwt_ptr,      # [S, C, KH_T, KW_T] fp32 partial tall gradients, one slice per image group (contiguous)
     dww_ptr,      # [S, C, KH_W, KW_W] fp32 partial wide gradients (contiguous)
     db_ptr,       # [S, C] fp32 partial bias gradients (HAS_BIAS only)
@@ -1126,54 +1062,61 @@ def lk_conv2d_matrix_bwd_kernel(
     # ---- strides (elements) ----
     sxn, sxc, sxh, sxw,
     sdn, sdc, sdh, sdw,
-    sgn, sgc, sgh, sgw,     # dx
-    swt_c, swt_h, swt_w,
-    sww_c, sww_h, sww_w,
+    sgn, sgc, sgh, sgw,     # dx (DX only)
+    swt_c, swt_h, swt_w,    # (DX only)
+    sww_c, sww_h, sww_w,    # (DX only)
     # ---- meta-parameters ----
     KH_T: tl.constexpr, KW_T: tl.constexpr, KH_W: tl.constexpr, KW_W: tl.constexpr,
     SPARSE_T: tl.constexpr, SPARSE_W: tl.constexpr,   # inactive lines' weights read as 0 (dx)...
     DENSE_DW: tl.constexpr,   # ... and their taps' gradients computed all the same (else written as 0)
     HAS_BIAS: tl.constexpr,   # the bias gradient too
+    DX: tl.constexpr,         # the input gradient too (16-bit only)
     WIDE_IDX: tl.constexpr,   # offsets inside a group of MB images in int64 (host: matrix_wide_idx)
+    SPLIT: tl.constexpr,      # fp32 as bf16 splits: dy and x as three bf16 parts each, six products in fp32
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
     HP: tl.constexpr,         # the plane's rows and columns padded to powers of two (matrix_grid), HP * WP
     WP: tl.constexpr,         # <= 64: pixel (h, w) is index h * WP + w
     MB: tl.constexpr,         # images per tl.dot
 ):
-    """The input gradient and the weight (and bias) gradients of one channel over one group of images, in one
-    pass over dy. Grid: (C * S,).
+    """Weight (and bias) gradients of one channel over one group of images and, with DX, its input gradient in the
+    same pass over dy. Grid: (C * S,).
 
-    Per MB images: DX [MB, PP] = DY @ M_flip (the input gradient of ``lk_conv2d_matrix_fwd_kernel`` with FLIP, M
-    built once per program) and G += DY^T X (``lk_conv2d_matrix_dw_kernel``), both from the same dy tile; once per program the offset sums of G give every tap's gradient. The backward of a
-    training step then reads dy once and launches once instead of twice. Deterministic: each program writes its
-    own fp32 partial; the host sums the S partials in a fixed order.
+    G = sum_n DY_n^T X_n ([PP, PP], PP = HP * WP: output pixel p x input pixel q, MB images per dot along K); once
+    per program its offset sums give every tap's gradient (``_store_offset_grads``). DX: per MB images also
+    DX [MB, PP] = DY @ M_flip (the input gradient of ``lk_conv2d_matrix_fwd_kernel`` with FLIP, M built once per
+    program) from the same dy tile, so that the backward of a training step reads dy once and launches once.
+    Deterministic: each program writes its own fp32 partial; the host sums the S partials in a fixed order.
 
-    16-bit only: with fp32's three bf16 parts of dy, x and M the program needs 255 registers and spills, and the
-    static model puts it above the two separate launches (bench/NOTES.md)."""
-    tl.static_assert(x_ptr.dtype.element_ty != tl.float32, "the fused matrix backward takes 16-bit tensors")
+    DX takes 16-bit tensors only: with fp32's three bf16 parts of dy, x and M the program needs 255 registers and
+    spills, and the static model puts it above the two separate launches (bench/NOTES.md)."""
+    F32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    tl.static_assert(not (DX and F32), "the matrix backward computes dx for 16-bit tensors only")
     c, s, n_start, n_stop = _plane_program(C, N, imgs_per_prog)
     c64 = c.to(tl.int64)
-    mps = _channel_matrices(wt_ptr + c64 * swt_c, swt_h, swt_w, ww_ptr + c64 * sww_c, sww_h, sww_w,
-                            t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W, SPARSE_T, SPARSE_W,
-                            True, False, False, DOT_UPCAST, HP, WP)
+    NP: tl.constexpr = 3 if SPLIT else 1
     off_x, q_in = _matrix_tile(sxn, sxh, sxw, H, W, HP, WP, MB, WIDE_IDX)
     off_d, _ = _matrix_tile(sdn, sdh, sdw, H, W, HP, WP, MB, WIDE_IDX)
-    off_g, _ = _matrix_tile(sgn, sgh, sgw, H, W, HP, WP, MB, WIDE_IDX)
     x_c = x_ptr + c64 * sxc
     d_c = dy_ptr + c64 * sdc
-    g_c = dx_ptr + c64 * sgc
+    if DX:
+        mps = _channel_matrices(wt_ptr + c64 * swt_c, swt_h, swt_w, ww_ptr + c64 * sww_c, sww_h, sww_w,
+                                t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W, SPARSE_T,
+                                SPARSE_W, True, False, False, DOT_UPCAST, HP, WP)
+        off_g, _ = _matrix_tile(sgn, sgh, sgw, H, W, HP, WP, MB, WIDE_IDX)
+        g_c = dx_ptr + c64 * sgc
     g = tl.zeros((HP * WP, HP * WP), dtype=tl.float32)
     bsum = tl.zeros((MB, HP * WP) if HAS_BIAS else (1, 1), dtype=tl.float32)
     for n0 in range(n_start, n_stop, MB):
         ok = ((n0 + tl.arange(0, MB)) < n_stop)[:, None] & q_in[None, :]
-        dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
         xt = tl.load(x_c + n0 * sxn + off_x, mask=ok, other=0.0)
+        dt = tl.load(d_c + n0 * sdn + off_d, mask=ok, other=0.0)
         if HAS_BIAS:
             bsum += dt.to(tl.float32)
-        dps = _operand_parts(dt, 1, False, DOT_UPCAST)
-        acc = _matrix_dot(dps, mps, tl.zeros((MB, HP * WP), dtype=tl.float32), False, 1, DOT_PREC)
-        tl.store(g_c + n0 * sgn + off_g, acc.to(dx_ptr.dtype.element_ty), mask=ok)
-        g = _pair_sums(dps, xt, g, 1, False, DOT_UPCAST, DOT_PREC)
+        dps = _operand_parts(dt, NP, SPLIT, DOT_UPCAST)
+        if DX:
+            acc = _matrix_dot(dps, mps, tl.zeros((MB, HP * WP), dtype=tl.float32), False, 1, DOT_PREC)
+            tl.store(g_c + n0 * sgn + off_g, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+        g = _pair_sums(dps, xt, g, NP, SPLIT, DOT_UPCAST, DOT_PREC)
     out_c = s.to(tl.int64) * C + c64      # slice (s, c) of the partials
     _store_offset_grads(g, bsum, dwt_ptr + out_c * (KH_T * KW_T), dww_ptr + out_c * (KH_W * KW_W), db_ptr + out_c,
                         t_act_ptr + c * KW_T, w_act_ptr + c * KH_W, KH_T, KW_T, KH_W, KW_W,

@@ -233,8 +233,7 @@ def test_cli_candidates_matrix_kernels_match_the_launch_plan(tmp_path):
     assert len(recs) == 4 * 2 * 2
     for r in recs:
         plans = launch_plans(r["kind"], 2, 2, 7, 7, 7, "bfloat16", r["density"])
-        name = {"dw": "lk_conv2d_matrix_dw_kernel", "bwd": "lk_conv2d_matrix_bwd_kernel"}.get(
-            r["kind"], "lk_conv2d_matrix_fwd_kernel")
+        name = "lk_conv2d_matrix_fwd_kernel" if r["kind"] in ("fwd", "dx") else "lk_conv2d_matrix_bwd_kernel"
         assert all([ln["kernel"].__name__ for ln in p["launches"]] == [name] for p in plans)
         match = [p for p in plans if p["config"] == r["config"]]
         assert len(match) == 1 and r["launches"] == 1, r["config"]

@@ -789,7 +789,7 @@ def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, s
     bd = torch.zeros(C, dtype=torch.float64, device=DEV, requires_grad=True)
     lk_conv2d_reference(x.double(), wd, bd).backward(dy.double())
     dx_ref = reference64(dy, [w.flip(2, 3) for w in ref_ws], None, None)
-    with TritonRan("lk_conv2d_matrix_dw_kernel"):
+    with TritonRan("lk_conv2d_matrix_bwd_kernel", "dw"):
         grads = op_mod.launch_lk_conv2d_bwd_dw(x, dy, None if wt is None else tuple(wt.shape[1:]),
                                                None if ww is None else tuple(ww.shape[1:]), True,
                                                sparse_t=meta_t, sparse_w=meta_w,
@@ -797,7 +797,7 @@ def test_matrix_kernels_match_float64(dtype, N, H, W, shapes, layout, MB, IMG, s
     runs = [("", grads)]
     if op_mod.use_fused_backward(H, W, dtype):   # the fused backward: dx and the same gradients in one launch
         dx = torch.full_like(dy, float("nan"))
-        with TritonRan("lk_conv2d_matrix_bwd_kernel"):
+        with TritonRan("lk_conv2d_matrix_bwd_kernel", "bwd"):
             out = op_mod.launch_lk_conv2d_bwd(x, dy, wt, ww, dx, True, sparse_t=meta_t, sparse_w=meta_w,
                                               config=dict(MB=MB, num_warps=4, num_stages=1))
         assert out[0] is dx
@@ -825,7 +825,7 @@ def test_matrix_kernels_by_plane():
         dw = op_mod.dw_launch_spec(N, 3, H, W, torch.bfloat16, st, st, (13, 5), (5, 13), need_bias=True,
                                    sparse_t=False, sparse_w=False)[0].name
         return fwd, dw
-    matrix = ("lk_conv2d_matrix_fwd_kernel", "lk_conv2d_matrix_dw_kernel")
+    matrix = ("lk_conv2d_matrix_fwd_kernel", "lk_conv2d_matrix_bwd_kernel")
     assert names(1, 7, 7) == names(64, 8, 8) == names(2, 4, 16) == names(2, 3, 3) == matrix
     # 9 x 7 is a 16 x 8 grid, 2 x 30 a 4 x 32 one
     assert names(64, 9, 7)[0] == names(1, 2, 30)[0] == "lk_conv2d_plane_fwd_kernel"

@@ -223,7 +223,7 @@ def _trips(ls: LaunchSpec, cfg: dict, N: int, H: int, W: int, lines: float, K: i
         return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["NB"]), f"{name}._t": lines, f"{name}._w": lines}
     if name == "lk_conv2d_matrix_fwd_kernel":
         return {f"{name}.n0": _mean_steps(N, cfg["IMG"], cfg["MB"])}
-    if name in ("lk_conv2d_matrix_dw_kernel", "lk_conv2d_matrix_bwd_kernel"):
+    if name == "lk_conv2d_matrix_bwd_kernel":
         return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["MB"])}
     if name == "lk_conv2d_plane_dw_stack_kernel":
         return {f"{name}.n0": _mean_steps(N, ls.args["imgs_per_prog"], cfg["NB"])}

@@ -37,9 +37,6 @@ from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_matrix_bwd_kernel,
     lk_conv2d_matrix_configs,
     lk_conv2d_matrix_default_config,
-    lk_conv2d_matrix_dw_configs,
-    lk_conv2d_matrix_dw_default_config,
-    lk_conv2d_matrix_dw_kernel,
     lk_conv2d_matrix_fwd_kernel,
     lk_conv2d_plane_configs,
     lk_conv2d_plane_default_config,
@@ -545,8 +542,8 @@ def matrix_wide_idx(mb: int, *strides: Sequence[int]) -> bool:
 
 
 #: The largest MB of the matrix kernels' configs (their in-group offsets span MB images).
-_MATRIX_MB_MAX = max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs() + lk_conv2d_matrix_dw_configs()
-                     + lk_conv2d_matrix_bwd_configs())
+_MATRIX_MB_MAX = max(c.kwargs["MB"] for c in lk_conv2d_matrix_configs() + lk_conv2d_matrix_bwd_configs(False)
+                     + lk_conv2d_matrix_bwd_configs(True))
 
 
 #: Rows / columns past a plane that the plane kernels' masked loads may point at (padding and line shifts).
@@ -664,17 +661,9 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
     pointers = dict(x_ptr="x", dy_ptr="dy", dwt_ptr="dwt" if KH_T else "dummy", dww_ptr="dww" if KH_W else "dummy",
                     db_ptr="db" if need_bias else "dummy")
     if use_matrix_kernels(H, W):
-        img = plane_dw_images_per_program(N, C, sms)
-        splits = triton.cdiv(N, img)
-        split = dtype == torch.float32 and fp32_precision() == "bf16x6"
-        hp, wp = matrix_grid(H, W)
-        args.update(imgs_per_prog=img, WIDE_IDX=matrix_wide_idx(_MATRIX_MB_MAX, x_strides, dy_strides),
-                    SPLIT=split, DOT_UPCAST=interpreter, HP=hp, WP=wp)
-        pointers.update(t_act_ptr="t_act" if sparse_t else "dummy", w_act_ptr="w_act" if sparse_w else "dummy")
-        configs = lk_conv2d_matrix_dw_configs()
-        return LaunchSpec("lk_conv2d_matrix_dw_kernel", "dw", lk_conv2d_matrix_dw_kernel,
-                          _tuner(lk_conv2d_matrix_dw_kernel, configs, _MATRIX_DW_KEY), args, pointers, configs,
-                          lk_conv2d_matrix_dw_default_config(), lambda meta: (C * splits,)), splits
+        return _matrix_bwd_spec(N, C, H, W, dtype, x_strides, dy_strides, None, tall_shape, None, wide_shape, None,
+                                need_bias=need_bias, sparse_t=sparse_t, sparse_w=sparse_w, dense_dw=False, sms=sms,
+                                interpreter=interpreter)
     # fp32 on the plane kernels: x and dy split into bf16 parts in the kernel (as in the forward)
     split = use_fp32_split(H, W, dtype, weight_grad=True, arch=arch)
     if use_plane_kernels(H, W, KW_T, KH_W, 2 if split else eb):
@@ -727,9 +716,20 @@ def bwd_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, dx_strides, wt_sha
     gradient unless ``dense_dw``."""
     if not use_fused_backward(H, W, dtype):
         return None
+    return _matrix_bwd_spec(N, C, H, W, dtype, x_strides, dy_strides, dx_strides, wt_shape, wt_strides, ww_shape,
+                            ww_strides, need_bias=need_bias, sparse_t=sparse_t, sparse_w=sparse_w, dense_dw=dense_dw,
+                            sms=sms, interpreter=interpreter)
+
+
+def _matrix_bwd_spec(N, C, H, W, dtype, x_strides, dy_strides, dx_strides, wt_shape, wt_strides, ww_shape,
+                     ww_strides, *, need_bias, sparse_t, sparse_w, dense_dw, sms,
+                     interpreter) -> Tuple[LaunchSpec, int]:
+    """``lk_conv2d_matrix_bwd_kernel``'s launch: the weight (and bias) gradients, and with ``dx_strides`` (not None)
+    the input gradient in the same pass (kind "bwd"; else "dw", the slots' weights and strides unused)."""
+    dx = dx_strides is not None
     KH_T, KW_T = wt_shape if wt_shape is not None else (0, 0)
     KH_W, KW_W = ww_shape if ww_shape is not None else (0, 0)
-    wts, wws = wt_strides or (0, 0, 0), ww_strides or (0, 0, 0)
+    wts, wws, gs = wt_strides or (0, 0, 0), ww_strides or (0, 0, 0), dx_strides or (0, 0, 0, 0)
     img = plane_dw_images_per_program(N, C, sms)
     splits = triton.cdiv(N, img)
     hp, wp = matrix_grid(H, W)
@@ -737,21 +737,22 @@ def bwd_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, dx_strides, wt_sha
         N=N, C=C, H=H, W=W, imgs_per_prog=img,
         sxn=x_strides[0], sxc=x_strides[1], sxh=x_strides[2], sxw=x_strides[3],
         sdn=dy_strides[0], sdc=dy_strides[1], sdh=dy_strides[2], sdw=dy_strides[3],
-        sgn=dx_strides[0], sgc=dx_strides[1], sgh=dx_strides[2], sgw=dx_strides[3],
+        sgn=gs[0], sgc=gs[1], sgh=gs[2], sgw=gs[3],
         swt_c=wts[0], swt_h=wts[1], swt_w=wts[2], sww_c=wws[0], sww_h=wws[1], sww_w=wws[2],
         KH_T=KH_T, KW_T=KW_T, KH_W=KH_W, KW_W=KW_W, SPARSE_T=sparse_t, SPARSE_W=sparse_w, DENSE_DW=dense_dw,
-        HAS_BIAS=need_bias, WIDE_IDX=matrix_wide_idx(_MATRIX_MB_MAX, x_strides, dy_strides, dx_strides),
-        DOT_PREC=_dot_precision(), DOT_UPCAST=interpreter, HP=hp, WP=wp,
+        HAS_BIAS=need_bias, DX=dx, WIDE_IDX=matrix_wide_idx(_MATRIX_MB_MAX, x_strides, dy_strides, gs),
+        SPLIT=dtype == torch.float32 and fp32_precision() == "bf16x6", DOT_PREC=_dot_precision(),
+        DOT_UPCAST=interpreter, HP=hp, WP=wp,
     )
-    pointers = dict(x_ptr="x", dy_ptr="dy", wt_ptr="wt" if wt_shape else "dummy", ww_ptr="ww" if ww_shape else "dummy",
-                    dx_ptr="dx", dwt_ptr="dwt" if wt_shape else "dummy", dww_ptr="dww" if ww_shape else "dummy",
+    pointers = dict(x_ptr="x", dy_ptr="dy", wt_ptr="wt" if dx and wt_shape else "dummy",
+                    ww_ptr="ww" if dx and ww_shape else "dummy", dx_ptr="dx" if dx else "dummy",
+                    dwt_ptr="dwt" if wt_shape else "dummy", dww_ptr="dww" if ww_shape else "dummy",
                     db_ptr="db" if need_bias else "dummy", t_act_ptr="t_act" if sparse_t else "dummy",
                     w_act_ptr="w_act" if sparse_w else "dummy")
-    configs = lk_conv2d_matrix_bwd_configs()
-    return LaunchSpec("lk_conv2d_matrix_bwd_kernel", "bwd", lk_conv2d_matrix_bwd_kernel,
+    configs = lk_conv2d_matrix_bwd_configs(dx)
+    return LaunchSpec("lk_conv2d_matrix_bwd_kernel", "bwd" if dx else "dw", lk_conv2d_matrix_bwd_kernel,
                       _tuner(lk_conv2d_matrix_bwd_kernel, configs, _MATRIX_BWD_KEY), args, pointers, configs,
                       lk_conv2d_matrix_bwd_default_config(), lambda meta: (C * splits,)), splits
-
 
 def _run(spec: LaunchSpec, tensors: dict, config: Optional[dict]) -> None:
     """Launches ``spec`` with its pointer arguments taken from ``tensors`` by role (autotuned unless a config is
@@ -780,10 +781,10 @@ _plane_fwd_autotuned = triton.autotune(
     restore_value=["y_ptr"],   # the later fp32 split launches add to y: each timed run starts from the same y
 )(lk_conv2d_plane_fwd_kernel)
 
-_MATRIX_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "SPLIT"]
 _MATRIX_FWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "FLIP",
                    "SPLIT"]
-_MATRIX_BWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "DENSE_DW", "HAS_BIAS"]
+_MATRIX_BWD_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "DENSE_DW", "HAS_BIAS",
+                   "DX", "SPLIT"]
 _PLANE_DW_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "SPARSE_T", "SPARSE_W", "HAS_BIAS", "ALIGN"]
 _TILED_DW_KEY = ["N", "C", "H", "W", "HAS_BIAS", "SPARSE_T", "SPARSE_W"]
 _PLANE_DW_STACK_KEY = ["N", "C", "H", "W", "KH_T", "KW_T", "KH_W", "KW_W", "HAS_BIAS", "ALIGN"]
