@@ -7,8 +7,10 @@ import datetime
 import itertools
 import json
 import math
+import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -337,6 +339,38 @@ def test_cli_model_convnext_comparator(tmp_path, capsys):
     lines = text.splitlines()
     assert any(ln.startswith("ConvNeXt-T  eval") for ln in lines) and any(ln.startswith("SLaK-T") for ln in lines)
     assert max(len(ln) for ln in lines) <= 100
+
+
+def test_what_if_plan_changes_only_what_it_is_asked(tmp_path):
+    """bench/tools/what_if_plan.py (the bounds in bench/NOTES.md): SLAK_WHATIF_LINES makes dense calls run the
+    kernels of fewer lines, SLAK_WHATIF_DW_SPLITS the plane weight gradient's image groups; unset, it is the
+    project's plan. Run in a subprocess: importing it patches the project's modules."""
+    code = (
+        "import json, sys; sys.path.insert(0, 'bench/tools'); import what_if_plan as w; out = {}\n"
+        "for kind in ('fwd', 'dw'):\n"
+        "    ls = w.launch_plans(kind, 8, 3, 28, 28, 13, 'bfloat16', 1.0)[0]['launches'][0]\n"
+        "    out[kind] = [ls['args'].get('KW_T'), ls['args'].get('KH_W'), ls['programs']]\n"
+        "print(json.dumps(out))")
+
+    def run(**env):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.splitlines()[-1])
+
+    base = run()
+    direct = launch_plans("dw", 8, 3, 28, 28, 13, "bfloat16", 1.0)[0]["launches"][0]
+    assert base["dw"] == [5, 5, direct["programs"]] and base["fwd"][:2] == [5, 5]
+    lines = run(SLAK_WHATIF_LINES="3,2")
+    assert lines["fwd"][:2] == [3, 2] and lines["dw"][:2] == [3, 2]
+    dw_kernel = launch_plans("dw", 64, 124, 56, 56, 51, "bfloat16", 1.0)[0]["launches"][0]["kernel"]
+    assert "plane_dw_kernel" in dw_kernel.__name__   # (the kernel SLAK_WHATIF_DW_SPLITS acts on)
+    code = code.replace("8, 3, 28, 28, 13", "64, 124, 56, 56, 51")
+    splits = run(SLAK_WHATIF_DW_SPLITS="4")
+    assert splits["dw"][2] == 124 * 4 and run()["dw"][2] != 124 * 4
+    bad = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "SLAK_WHATIF_LINES": "0,9"})
+    assert bad.returncode != 0 and "SLAK_WHATIF_LINES" in bad.stderr
 
 
 def test_gpu_check_script_is_valid_bash():
