@@ -136,7 +136,8 @@ def run_candidates(case_list: Sequence[CandidateCase], device: torch.device, *, 
                    rep_ms: float = 100.0, limit: Optional[int] = None, seed: int = 0,
                    progress: bool = True) -> Tuple[List[dict], List[dict]]:
     """(records, failed): one record per case and candidate (the first ``limit`` candidates of each case when
-    given) with the call's median time ``ms``, its 20 / 80 % quantiles and the number of launches it made;
+    given) with the call's median time ``ms``, its 20 / 80 % quantiles, the host's time per call ``host_ms``
+    (CUDA; ``Timing.host_ms``) and the number of launches it made;
     failed: the candidates that raised, with the error."""
     work = [(case, cfgs) for case in case_list for cfgs in [_configs(case, device)[:limit]]]
     prog = Progress("candidates", sum(len(c) for _, c in work), enabled=progress)
@@ -156,7 +157,8 @@ def run_candidates(case_list: Sequence[CandidateCase], device: torch.device, *, 
                 first = str(e).splitlines()[0][:300] if str(e) else ""
                 failed.append(dict(base, error=f"{type(e).__name__}: {first}"))
                 continue
-            records.append(dict(base, ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, launches=launches, timer=t.timer))
+            records.append(dict(base, ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, host_ms=t.host_ms, launches=launches,
+                                timer=t.timer))
     return records, failed
 
 

@@ -303,7 +303,7 @@ def _base_record(meta, shape: ConvShape, dname: str, dtype: torch.dtype, density
         bytes_min=counters.min_bytes(*dims, shape.kernels, torch.empty((), dtype=dtype).element_size(), mode),
         peaks=None if peaks is None else peaks.__dict__.copy(),
         status=None, reason=None, timed=False, timer=None,
-        ms=None, ms_p20=None, ms_p80=None,
+        ms=None, ms_p20=None, ms_p80=None, host_ms=None,
         check_rel_err=None, check_tol=tolerance(dname, provider), check_ok=None, triton_launches=None,
         speedup_vs_torch=None,
     )
@@ -388,7 +388,7 @@ def run_op_bench(cfg: OpBenchConfig, meta: Dict[str, object], peaks: Optional[Pe
                             fn, grads = _timed_fn(prov, case, mode)
                             t = time_fn(fn, grads, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms)
                             rec.update(status="timed", timed=True, timer=t.timer, ms=t.ms, ms_p20=t.ms_p20,
-                                       ms_p80=t.ms_p80)
+                                       ms_p80=t.ms_p80, host_ms=t.host_ms)
                             if not gpu:
                                 rec["reason"] = "CPU mode: timed on the CPU at a reduced size"
                             del fn, grads

@@ -148,7 +148,7 @@ def run_model_bench(cfg: ModelBenchConfig, meta: Dict[str, object]) -> List[Dict
                 rec = dict(meta)
                 rec.update(bench="model", where="CPU MODE" if not gpu else "GPU", model=LABELS[v], variant=v,
                            kind=kind, provider=prov, batch=cfg.batch, image_size=cfg.image_size, dtype=cfg.dtype,
-                           status=None, reason=None, ms=None, ms_p20=None, ms_p80=None, images_per_s=None,
+                           status=None, reason=None, ms=None, ms_p20=None, ms_p80=None, host_ms=None, images_per_s=None,
                            speedup_vs_torch=None, throughput_vs_convnext=None)
                 if build_error is not None:
                     rec.update(status="error", reason=build_error)
@@ -161,7 +161,7 @@ def run_model_bench(cfg: ModelBenchConfig, meta: Dict[str, object]) -> List[Dict
                         model, xin = _for_provider(model, x, prov)
                         with use_backend("triton" if prov == "triton" else "reference"):
                             t = _timed(kind, model, xin, labels, cfg)
-                        rec.update(status="timed", ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80,
+                        rec.update(status="timed", ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, host_ms=t.host_ms,
                                    images_per_s=cfg.batch / (t.ms * 1e-3))
                         if not gpu:
                             rec["reason"] = "CPU mode: timed on the CPU at a reduced size"

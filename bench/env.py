@@ -129,11 +129,29 @@ class Timing:
     ms_p20: float
     ms_p80: float
     timer: str  # "cuda (triton.testing.do_bench)" or "cpu (time.perf_counter)"
+    # CUDA: the host's time per call to issue fn (Python, dispatch, launch), measured without waiting for the GPU.
+    # A call with host_ms above ms cannot keep the GPU busy on its own; do_bench hides up to the time of its L2
+    # flush (~0.1 ms on an H100) of it between runs. None on the CPU, where ms is host time.
+    host_ms: Optional[float] = None
 
 
 def _zero_grads(tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         t.grad = None
+
+
+def _host_ms(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor], runs: int = 20) -> float:
+    """Mean host time per call of ``fn`` on CUDA: the calls are issued back to back and the GPU is waited for only
+    after the last, so each timed call is the host's work alone (unless fn itself synchronizes)."""
+    torch.cuda.synchronize()
+    total = 0.0
+    for _ in range(runs):
+        _zero_grads(grad_to_none)
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return total / runs * 1e3
 
 
 def time_fn(
@@ -145,12 +163,13 @@ def time_fn(
     cpu_max_runs: int = 20,
 ) -> Timing:
     """Times ``fn``: on CUDA with ``triton.testing.do_bench`` (L2 flushed, gradients of ``grad_to_none`` reset
-    between runs); on the CPU with ``time.perf_counter`` over up to ``cpu_max_runs`` runs or ``rep_ms``, gradients
+    between runs), and the host's time per call (``Timing.host_ms``); on the CPU with ``time.perf_counter`` over up to ``cpu_max_runs`` runs or ``rep_ms``, gradients
     reset between runs outside the timed region."""
     if cuda_mode():
         q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none) or None,
                                     quantiles=[0.5, 0.2, 0.8])
-        return Timing(float(q[0]), float(q[1]), float(q[2]), "cuda (triton.testing.do_bench)")
+        return Timing(float(q[0]), float(q[1]), float(q[2]), "cuda (triton.testing.do_bench)",
+                      host_ms=_host_ms(fn, grad_to_none))
     _zero_grads(grad_to_none)
     fn()  # warm-up
     times: List[float] = []

@@ -149,7 +149,7 @@ def test_git_commit_unknown_outside_a_repository(tmp_path):
 
 REQUIRED = {
     "device", "torch", "triton", "git_commit", "date", "cpu_mode", "where", "shape", "batch", "channels", "height",
-    "width", "kernels", "dtype", "density", "mode", "provider", "status", "ms", "ms_p20", "ms_p80", "flop_useful",
+    "width", "kernels", "dtype", "density", "mode", "provider", "status", "ms", "ms_p20", "ms_p80", "host_ms", "flop_useful",
     "bytes_min", "tflops", "pct_fp32_fma_peak", "pct_tensor_peak", "pct_mem_floor", "speedup_vs_torch",
     "check_rel_err", "check_ok",
 }
@@ -187,6 +187,8 @@ def test_cli_op_cpu_mode_writes_well_formed_records(tmp_path, capsys):
             assert r["check_ok"] is True, r
         if r["status"] == "timed":
             assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+            # the host's time per call: measured on CUDA only (on the CPU, ms is host time)
+            assert (r["host_ms"] > 0) if ON_GPU else (r["host_ms"] is None)
             assert r["tflops"] == pytest.approx(r["flop_useful"] / (r["ms"] * 1e-3) / 1e12)
     by = {(r["density"], r["mode"], r["provider"]): r for r in recs}
     if not ON_GPU:
@@ -261,6 +263,7 @@ def test_cli_candidates_records_match_the_launch_plan(tmp_path, capsys, monkeypa
         assert len(match) == 1, r["config"]
         assert r["launches"] == len(match[0]["launches"])
         assert math.isfinite(r["ms"]) and r["ms"] > 0
+        assert (r["host_ms"] > 0) if ON_GPU else (r["host_ms"] is None)
     assert bench_candidates.active_lines(0.6) == (3, 3) and bench_candidates.active_lines(0.3) == (2, 1)
 
     def broken(*args, config=None, **kw):
