@@ -163,8 +163,8 @@ def time_fn(
     cpu_max_runs: int = 20,
 ) -> Timing:
     """Times ``fn``: on CUDA with ``triton.testing.do_bench`` (L2 flushed, gradients of ``grad_to_none`` reset
-    between runs), and the host's time per call (``Timing.host_ms``); on the CPU with ``time.perf_counter`` over up to ``cpu_max_runs`` runs or ``rep_ms``, gradients
-    reset between runs outside the timed region."""
+    between runs), and the host's time per call (``Timing.host_ms``); on the CPU with ``time.perf_counter`` over up
+    to ``cpu_max_runs`` runs or ``rep_ms``, gradients reset between runs outside the timed region."""
     if cuda_mode():
         q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none) or None,
                                     quantiles=[0.5, 0.2, 0.8])

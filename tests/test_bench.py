@@ -149,8 +149,8 @@ def test_git_commit_unknown_outside_a_repository(tmp_path):
 
 REQUIRED = {
     "device", "torch", "triton", "git_commit", "date", "cpu_mode", "where", "shape", "batch", "channels", "height",
-    "width", "kernels", "dtype", "density", "mode", "provider", "status", "ms", "ms_p20", "ms_p80", "host_ms", "flop_useful",
-    "bytes_min", "tflops", "pct_fp32_fma_peak", "pct_tensor_peak", "pct_mem_floor", "speedup_vs_torch",
+    "width", "kernels", "dtype", "density", "mode", "provider", "status", "ms", "ms_p20", "ms_p80", "host_ms",
+    "flop_useful", "bytes_min", "tflops", "pct_fp32_fma_peak", "pct_tensor_peak", "pct_mem_floor", "speedup_vs_torch",
     "check_rel_err", "check_ok",
 }
 
@@ -344,35 +344,38 @@ def test_cli_model_convnext_comparator(tmp_path, capsys):
     assert max(len(ln) for ln in lines) <= 100
 
 
-def test_what_if_plan_changes_only_what_it_is_asked(tmp_path):
+def _what_if(shape, **env):
+    """Runs bench/tools/what_if_plan.py's launch_plans for a dense bf16 fwd and dw on shape (N, C, H, W, K) in a
+    subprocess (importing it patches the project's modules) with ``env`` added; the completed process, whose last
+    line of output is {kind: [KW_T, KH_W, programs]} of each kind's first candidate."""
+    code = ("import json, sys; sys.path.insert(0, 'bench/tools'); import what_if_plan as w\n"
+            "out = {}\n"
+            "for kind in ('fwd', 'dw'):\n"
+            f"    ls = w.launch_plans(kind, {', '.join(map(str, shape))}, 'bfloat16', 1.0)[0]['launches'][0]\n"
+            "    out[kind] = [ls['args'].get('KW_T'), ls['args'].get('KH_W'), ls['programs']]\n"
+            "print(json.dumps(out))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_what_if_plan_changes_only_what_it_is_asked():
     """bench/tools/what_if_plan.py (the bounds in bench/NOTES.md): SLAK_WHATIF_LINES makes dense calls run the
     kernels of fewer lines, SLAK_WHATIF_DW_SPLITS the plane weight gradient's image groups; unset, it is the
-    project's plan. Run in a subprocess: importing it patches the project's modules."""
-    code = (
-        "import json, sys; sys.path.insert(0, 'bench/tools'); import what_if_plan as w; out = {}\n"
-        "for kind in ('fwd', 'dw'):\n"
-        "    ls = w.launch_plans(kind, 8, 3, 28, 28, 13, 'bfloat16', 1.0)[0]['launches'][0]\n"
-        "    out[kind] = [ls['args'].get('KW_T'), ls['args'].get('KH_W'), ls['programs']]\n"
-        "print(json.dumps(out))")
-
-    def run(**env):
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, **env})
+    project's plan."""
+    def plans(shape, **env):
+        r = _what_if(shape, **env)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.splitlines()[-1])
 
-    base = run()
-    direct = launch_plans("dw", 8, 3, 28, 28, 13, "bfloat16", 1.0)[0]["launches"][0]
-    assert base["dw"] == [5, 5, direct["programs"]] and base["fwd"][:2] == [5, 5]
-    lines = run(SLAK_WHATIF_LINES="3,2")
+    stage1 = (64, 124, 56, 56, 51)   # (on the plane weight-gradient kernel, the one SLAK_WHATIF_DW_SPLITS acts on)
+    direct = {k: launch_plans(k, *stage1, "bfloat16", 1.0)[0]["launches"][0] for k in ("fwd", "dw")}
+    assert "plane_dw_kernel" in direct["dw"]["kernel"].__name__
+    assert plans(stage1) == {k: [5, 5, direct[k]["programs"]] for k in ("fwd", "dw")}
+    assert direct["dw"]["programs"] != 124 * 4
+    assert plans(stage1, SLAK_WHATIF_DW_SPLITS="4")["dw"] == [5, 5, 124 * 4]
+    lines = plans((8, 3, 28, 28, 13), SLAK_WHATIF_LINES="3,2")
     assert lines["fwd"][:2] == [3, 2] and lines["dw"][:2] == [3, 2]
-    dw_kernel = launch_plans("dw", 64, 124, 56, 56, 51, "bfloat16", 1.0)[0]["launches"][0]["kernel"]
-    assert "plane_dw_kernel" in dw_kernel.__name__   # (the kernel SLAK_WHATIF_DW_SPLITS acts on)
-    code = code.replace("8, 3, 28, 28, 13", "64, 124, 56, 56, 51")
-    splits = run(SLAK_WHATIF_DW_SPLITS="4")
-    assert splits["dw"][2] == 124 * 4 and run()["dw"][2] != 124 * 4
-    bad = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "SLAK_WHATIF_LINES": "0,9"})
+    bad = _what_if(stage1, SLAK_WHATIF_LINES="0,9")
     assert bad.returncode != 0 and "SLAK_WHATIF_LINES" in bad.stderr
 
 
