@@ -840,6 +840,41 @@ def test_matrix_kernels_by_plane():
     assert fused(7, 7, torch.float32) is None and fused(9, 7, torch.bfloat16) is None
 
 
+def test_launch_specs_are_cached_until_a_setting_changes(monkeypatch):
+    """A launch spec is built once per call signature (its Python costs more than a small kernel runs) and built
+    again when anything it reads changes: a limit, a helper read through another function, a dict changed in place,
+    the fp32 precision variable. Undoing the change gives the first spec's launch back."""
+    def fwd(dtype, H, arch=0):
+        st = (4 * H * H, H * H, H, 1)
+        return op_mod.fwd_launch_spec(2, 4, H, H, dtype, st, st, (13, 5), (65, 5, 1), (5, 13), (65, 13, 1),
+                                      has_bias=True, flip=False, sparse_t=False, sparse_w=False, arch=arch)
+    first = fwd(torch.bfloat16, 30)
+    assert fwd(torch.bfloat16, 30) is first
+    assert fwd(torch.bfloat16, 28) is not first      # another signature
+    with monkeypatch.context() as mp:     # a helper that _plane_wide_idx calls
+        mp.setattr(op_mod, "_wide_idx", lambda plane, strides: True)
+        assert fwd(torch.bfloat16, 30).args["WIDE_IDX"] and not first.args["WIDE_IDX"]
+    again = fwd(torch.bfloat16, 30)
+    assert (again.name, again.args, again.passes) == (first.name, first.args, first.passes)
+    # fp32 on a 64-padded plane: tiled off Hopper until the limit is raised
+    assert fwd(torch.float32, 60).name == "lk_conv2d_fwd_kernel"
+    with monkeypatch.context() as mp:
+        mp.setattr(op_mod, "FP32_SPLIT_MAX", 64)
+        assert fwd(torch.float32, 60).name == "lk_conv2d_plane_fwd_kernel"
+    assert fwd(torch.float32, 60).name == "lk_conv2d_fwd_kernel"
+    # on Hopper, one launch per slot and weight split group: a dict changed in place
+    passes = len(fwd(torch.float32, 60, arch=90).passes)
+    with monkeypatch.context() as mp:
+        mp.setitem(op_mod.FP32_SPLITS_PER_LAUNCH, "wide", op_mod.FP32_SPLITS)
+        assert len(fwd(torch.float32, 60, arch=90).passes) == passes - 1   # (3 wide launches -> 2: Toeplitz bytes)
+    # the fp32 precision is read from the environment on every call
+    assert fwd(torch.float32, 30).name == "lk_conv2d_plane_fwd_kernel"
+    with monkeypatch.context() as mp:
+        mp.setenv("SLAK_TRITON_FP32_PRECISION", "ieee")
+        assert fwd(torch.float32, 30).name == "lk_conv2d_fwd_kernel"
+    assert fwd(torch.float32, 30).name == "lk_conv2d_plane_fwd_kernel"
+
+
 @pytest.mark.parametrize("needs", ["all", "weights", "input", "no_bias"])
 def test_fused_backward_only_when_every_gradient_is_needed(needs):
     """On small 16-bit planes a backward that needs dx and every slot's weight gradient is one fused launch; a

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import operator
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -583,6 +584,88 @@ def _elem_bytes(dtype) -> int:
     return {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}[dtype]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# launch specs, cached per call signature
+# --------------------------------------------------------------------------------------------------------------
+# Building a spec costs 40-75 us of Python per call (its config lists, autotuner lookup, layout checks; measured on
+# the development CPU, bench/NOTES.md "Host time per call"), more than a stage-4 kernel runs. A spec depends only
+# on its arguments and on module settings, so it is built once per signature. The settings in the key are found,
+# not listed: every global of this module that a builder reads, directly or through this module's functions (a
+# limit such as FP32_SPLIT_MAX, a helper such as _wide_idx; tests patch both), plus the fp32 precision variable.
+
+#: Globals the builders read that are caches, not settings (they grow as specs are built).
+_NOT_SETTINGS = frozenset({"_TUNERS"})
+#: Specs kept per builder; its cache is cleared when it reaches this many signatures.
+_SPEC_CACHE_MAX = 4096
+
+
+def _code_names(code) -> set:
+    """Names a code object looks up, its nested code (lambdas, comprehensions) included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_reads(builder) -> Tuple[str, ...]:
+    """The names of this module's globals that ``builder`` reads, following the functions this module defines."""
+    g = globals()
+    seen, todo = set(), [builder]
+    while todo:
+        fn = todo.pop()
+        fn = getattr(fn, "__wrapped__", fn)
+        for name in _code_names(fn.__code__):
+            if name in seen or name not in g or name in _NOT_SETTINGS:
+                continue
+            seen.add(name)
+            v = g[name]
+            if getattr(v, "__module__", None) == __name__ and hasattr(v, "__code__"):
+                todo.append(v)
+    return tuple(sorted(seen))
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_getter(builder):
+    """(a getter of ``_spec_reads``'s globals, the positions of those that are dicts or lists)."""
+    names = _spec_reads(builder)
+    g = globals()
+    return operator.itemgetter(*names), tuple(i for i, n in enumerate(names) if isinstance(g[n], (dict, list)))
+
+
+def _spec_settings(builder) -> tuple:
+    """What ``builder`` reads besides its arguments: the fp32 precision variable and the globals of
+    ``_spec_reads``, with copies of the dicts and lists among them (so that a change made in place shows). Compared,
+    never hashed."""
+    getter, mutable = _spec_getter(builder)
+    vals = getter(globals())
+    return os.environ.get("SLAK_TRITON_FP32_PRECISION"), vals, tuple(vals[i].copy() for i in mutable)
+
+
+def _cached_spec(builder):
+    """``builder`` memoised on its arguments while the settings it reads (``_spec_settings``) stay as they were
+    (any change clears its cache). The spec returned is shared between calls: read it, do not change it."""
+    cache: dict = {}
+    seen = [None]
+
+    @functools.wraps(builder)
+    def cached(*args, **kwargs):
+        settings = _spec_settings(builder)
+        if settings != seen[0] or len(cache) >= _SPEC_CACHE_MAX:
+            cache.clear()
+            seen[0] = settings
+        key = (args, tuple(kwargs.items()))
+        spec = cache.get(key)
+        if spec is None:
+            spec = cache[key] = builder(*args, **kwargs)
+        return spec
+
+    cached.cache_clear = cache.clear
+    return cached
+
+
+@_cached_spec
 def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_strides, ww_shape, ww_strides, *,
                     has_bias, flip, sparse_t, sparse_w, items_strides=(0, 0), interpreter=False,
                     arch=0) -> LaunchSpec:
@@ -642,6 +725,7 @@ def fwd_launch_spec(N, C, H, W, dtype, x_strides, y_strides, wt_shape, wt_stride
                                     * triton.cdiv(W, meta["BW"]),))
 
 
+@_cached_spec
 def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_shape, *, need_bias, sparse_t,
                    sparse_w, items_strides=(0, 0), sms=132, interpreter=False, arch=0) -> Tuple[LaunchSpec, int]:
     """The weight-gradient launch and its number of partial slices S (the launcher sums them in a fixed order), on
@@ -707,6 +791,7 @@ def dw_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, tall_shape, wide_sh
                       configs, default, lambda meta: (C, splits)), splits
 
 
+@_cached_spec
 def bwd_launch_spec(N, C, H, W, dtype, x_strides, dy_strides, dx_strides, wt_shape, wt_strides, ww_shape,
                     ww_strides, *, need_bias, sparse_t, sparse_w, dense_dw, sms=132,
                     interpreter=False) -> Optional[Tuple[LaunchSpec, int]]:
