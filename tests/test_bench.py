@@ -4,6 +4,7 @@ records."""
 
 import csv
 import datetime
+import importlib.util
 import itertools
 import json
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slak_triton import block_shape
+from slak_triton import LAUNCH_COUNTS, block_shape
 from slak_triton.bench import bench_candidates, bench_lk_conv2d, bench_models, counters, report
 from slak_triton.bench.cli import main
 from slak_triton.bench.env import git_commit, lookup_peaks
@@ -377,6 +378,22 @@ def test_what_if_plan_changes_only_what_it_is_asked():
     assert lines["fwd"][:2] == [3, 2] and lines["dw"][:2] == [3, 2]
     bad = _what_if(stage1, SLAK_WHATIF_LINES="0,9")
     assert bad.returncode != 0 and "SLAK_WHATIF_LINES" in bad.stderr
+
+
+def test_host_time_tool_times_every_part_without_a_kernel():
+    """bench/tools/host_time.py (bench/NOTES.md "Host time per call"): a positive median for every part of the
+    op, with the launch stubbed out while it times (no kernel runs) and put back afterwards."""
+    spec = importlib.util.spec_from_file_location("host_time", ROOT / "bench" / "tools" / "host_time.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    real_run = tool.op._run
+    before = dict(LAUNCH_COUNTS)
+    res = tool.parts(stage=4, batch=1, channels=2, dtype=torch.bfloat16, calls=3)
+    assert dict(LAUNCH_COUNTS) == before, "a kernel was launched while timing the host"
+    assert tool.op._run is real_run
+    assert {"lk_conv2d forward (no grad)", "  fold_branches", "    launch_lk_conv2d_fwd",
+            "      fwd_launch_spec (cached)", "      fwd_launch_spec (built)", "lk_conv2d forward + backward"} <= set(res)
+    assert all(us > 0 for us in res.values()), res
 
 
 def test_gpu_check_script_is_valid_bash():
