@@ -599,7 +599,7 @@ def lk_conv2d_plane_fwd_kernel(
     SPLIT_LO: tl.constexpr = 0,     # fp32 as bf16 splits (0, 0: off): x = x_0 + x_1 + x_2 exactly (split here, in
     SPLIT_HI: tl.constexpr = 0,     # registers), wt / ww hold [3, C, KH, KW] bf16 splits w_0 + w_1 + w_2 of the
                                     # fp32 weights; this launch adds the products x_a w_s with a + s <= 2 for
-                                    # SPLIT_LO <= s < SPLIT_HI (6 bf16 products: exact up to 2**-26 relative, fp32
+                                    # SPLIT_LO <= s < SPLIT_HI (6 bf16 products: within 2**-23 relative, fp32
                                     # sums)
     ADD_Y: tl.constexpr = False,    # y holds the sum of this call's earlier launches (fp32 splits on 64-padded
                                     # planes: a few weight splits or one slot per launch): add to it (bias there)

@@ -162,9 +162,10 @@ def _autotune_enabled() -> bool:
 def fp32_precision() -> str:
     """How fp32 operands use tensor cores: ``SLAK_TRITON_FP32_PRECISION`` = bf16x6 (default: on the plane kernels,
     planes padded to at most ``FP32_SPLIT_MAX``, and on the matrix kernels, both operands split into three bf16
-    parts each and the six products that matter summed in fp32, exact products up to 2**-26 relative; elsewhere as
-    tf32x3), tf32x3 (three TF32 products, about fp32 accuracy; on the tiled kernels), ieee (FMA units, exact fp32;
-    tiled), tf32 (fastest, ~1e-3 relative error; tiled). The matrix kernels (small planes, ``use_matrix_kernels``)
+    parts each and the six products that matter summed in fp32, each product within 2**-23 relative (the dropped
+    cross terms; fp32 itself rounds a product to 2**-24); elsewhere as tf32x3), tf32x3 (three TF32 products, about
+    fp32 accuracy; on the tiled kernels), ieee (FMA units, exact fp32; tiled), tf32 (fastest, ~1e-3 relative error;
+    tiled). The matrix kernels (small planes, ``use_matrix_kernels``)
     take every precision: the three others as fp32 dots of that precision."""
     p = os.environ.get("SLAK_TRITON_FP32_PRECISION", "bf16x6")
     if p not in FP32_PRECISIONS:
