@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import slak_triton
 from slak_triton import LAUNCH_COUNTS, block_shape, lk_conv2d
@@ -873,6 +874,52 @@ def test_launch_specs_are_cached_until_a_setting_changes(monkeypatch):
         mp.setenv("SLAK_TRITON_FP32_PRECISION", "ieee")
         assert fwd(torch.float32, 30).name == "lk_conv2d_fwd_kernel"
     assert fwd(torch.float32, 30).name == "lk_conv2d_plane_fwd_kernel"
+
+
+@pytest.mark.parametrize("dtype, plane", [(torch.float32, (9, 8)), (torch.bfloat16, (7, 6))])
+def test_eager_calls_skip_the_dispatch_and_match_the_op(dtype, plane, monkeypatch):
+    """An eager call on plain tensors runs ``_LkConv2dEager`` (the op's functions without torch.library's
+    dispatch; without gradients the op's function alone) and computes bit for bit what the registered op and its
+    backward compute: the same launches (bf16 on 7 x 6: the fused backward). A call under a dispatch mode (what
+    make_fx and FakeTensorMode are) takes the op."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, *plane, device=DEV).to(dtype)
+    ws = rand_weights(3, [(13, 3), (3, 13), (3, 3)], dtype)
+    b = torch.randn(3, device=DEV).to(dtype)
+    masks = [rand_mask(ws[0], "block", 0.6), None, None]
+    dy = torch.randn(2, 3, *plane, device=DEV).to(dtype)
+
+    def run():
+        xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+        wg = [w.clone().requires_grad_() for w in ws]
+        with TritonRan("fwd", *backward_kernels(*plane, dtype)):
+            y = lk_conv2d(xs, wg, bs, mask=masks, backend="triton")
+            y.backward(dy)
+        return y.detach(), [xs.grad, *(w.grad for w in wg), bs.grad], type(y.grad_fn).__name__
+
+    y_e, g_e, node_e = run()
+    with monkeypatch.context() as mp:
+        mp.setattr(op_mod, "_eager_ok", lambda *tensors: False)
+        y_o, g_o, node_o = run()
+    assert node_e == "_LkConv2dEagerBackward" and node_o != node_e, (node_e, node_o)
+    assert torch.equal(y_e, y_o), "forward: eager path != op"
+    for i, (a, o) in enumerate(zip(g_e, g_o)):
+        assert torch.equal(a, o), f"gradient {i}: eager path != op"
+
+    with torch.no_grad():   # (no autograd node: the function alone)
+        assert torch.equal(lk_conv2d(x, ws, b, mask=masks, backend="triton"), y_e)
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record(), torch.no_grad():
+        y_m = lk_conv2d(x, ws, b, mask=masks, backend="triton")
+    assert torch.ops.slak_triton.lk_conv2d_fwd.default in seen
+    assert torch.equal(y_m, y_e)
 
 
 @pytest.mark.parametrize("needs", ["all", "weights", "input", "no_bias"])

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import operator
 import os
+import types
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,7 +24,9 @@ import triton
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import register_autograd, triton_op, wrap_triton
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from slak_triton.kernels.lk_conv2d import (
     lk_conv2d_bwd_dw_configs,
@@ -844,13 +847,16 @@ def _run(spec: LaunchSpec, tensors: dict, config: Optional[dict]) -> None:
     """Launches ``spec`` with its pointer arguments taken from ``tensors`` by role (autotuned unless a config is
     given or autotuning is off)."""
     ptrs = {name: tensors[role] for name, role in spec.pointers.items()}
+    # (wrapped only where a graph is being traced: torch.compile records the launch; eager calls, through the op or
+    # _LkConv2dEager, run the kernel itself, without wrap_triton's 12 us per call)
+    wrap = wrap_triton if is_wrap_triton_enabled() else (lambda kernel: kernel)
     for extra in spec.passes:
         args = dict(spec.args, **extra)
         if config is None and _autotune_enabled():
-            wrap_triton(spec.tuned)[spec.grid](**ptrs, **args)
+            wrap(spec.tuned)[spec.grid](**ptrs, **args)
         else:
             cfg = dict(config) if config is not None else dict(spec.default)
-            wrap_triton(spec.kernel)[spec.grid(cfg)](**ptrs, **args, **cfg)
+            wrap(spec.kernel)[spec.grid(cfg)](**ptrs, **args, **cfg)
         LAUNCH_COUNTS[spec.name] += 1
         LAUNCH_COUNTS[spec.kind] += 1
 
@@ -1117,8 +1123,7 @@ def _meta(lines, items, count) -> Optional[SlotMeta]:
     return None if lines is None else (lines, items, count)
 
 
-@triton_op("slak_triton::lk_conv2d_fwd", mutates_args={})
-def lk_conv2d_fwd_op(
+def _lk_conv2d_fwd(
     x: torch.Tensor,
     wt: Optional[torch.Tensor],
     ww: Optional[torch.Tensor],
@@ -1144,8 +1149,10 @@ def lk_conv2d_fwd_op(
     return out
 
 
-@triton_op("slak_triton::lk_conv2d_bwd_dw", mutates_args={})
-def lk_conv2d_bwd_dw_op(
+lk_conv2d_fwd_op = triton_op("slak_triton::lk_conv2d_fwd", mutates_args={})(_lk_conv2d_fwd)
+
+
+def _lk_conv2d_bwd_dw(
     x: torch.Tensor,
     dy: torch.Tensor,
     kh_t: int,
@@ -1173,8 +1180,10 @@ def lk_conv2d_bwd_dw_op(
             gb if gb is not None else empty(0))
 
 
-@triton_op("slak_triton::lk_conv2d_bwd", mutates_args={})
-def lk_conv2d_bwd_op(
+lk_conv2d_bwd_dw_op = triton_op("slak_triton::lk_conv2d_bwd_dw", mutates_args={})(_lk_conv2d_bwd_dw)
+
+
+def _lk_conv2d_bwd(
     x: torch.Tensor,
     dy: torch.Tensor,
     wt: Optional[torch.Tensor],
@@ -1202,6 +1211,9 @@ def lk_conv2d_bwd_op(
             gb if gb is not None else empty(0))
 
 
+lk_conv2d_bwd_op = triton_op("slak_triton::lk_conv2d_bwd", mutates_args={})(_lk_conv2d_bwd)
+
+
 def _fwd_setup_context(ctx, inputs, output):
     x, wt, ww, bias, t_lines, t_items, t_count, w_lines, w_items, w_count, flip, dense_dw = inputs
     if flip:
@@ -1213,7 +1225,9 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.dense_dw = dense_dw
 
 
-def _fwd_backward(ctx, dy):
+def _backward(ctx, dy, ops):
+    """The gradients of ``lk_conv2d_fwd`` (its 12 inputs) for output gradient ``dy``, through ``ops``: the
+    registered ops (``torch.ops.slak_triton``, traceable) or the functions behind them (``_EAGER_OPS``)."""
     if ctx.flip:
         raise RuntimeError("lk_conv2d: the input-gradient launch (flip=True) is not differentiable")
     if torch.is_grad_enabled():
@@ -1226,27 +1240,64 @@ def _fwd_backward(ctx, dy):
     if need_x and (wt is None or need_t) and (ww is None or need_w) and use_fused_backward(*x.shape[2:], x.dtype):
         # every gradient at once: one fused launch (reads dy once)
         # (dense_dw: every tap's gradient, while the inactive lines' weights still count 0 in dx)
-        dx, gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd(x, dy, wt, ww, need_b, t_lines, t_items, t_count,
-                                                             w_lines, w_items, w_count, ctx.dense_dw)
+        dx, gt, gw, gb = ops.lk_conv2d_bwd(x, dy, wt, ww, need_b, t_lines, t_items, t_count, w_lines, w_items,
+                                           w_count, ctx.dense_dw)
         return (dx, gt.to(wt.dtype) if wt is not None else None, gw.to(ww.dtype) if ww is not None else None,
                 gb.to(x.dtype) if need_b else None, None, None, None, None, None, None, None, None)
     if need_x:
-        dx = torch.ops.slak_triton.lk_conv2d_fwd(dy, wt, ww, None, t_lines, t_items, t_count, w_lines, w_items,
-                                                 w_count, True)
+        dx = ops.lk_conv2d_fwd(dy, wt, ww, None, t_lines, t_items, t_count, w_lines, w_items, w_count, True)
     if need_t or need_w or need_b:
         kt = tuple(wt.shape[1:]) if (wt is not None and need_t) else (0, 0)
         kw = tuple(ww.shape[1:]) if (ww is not None and need_w) else (0, 0)
         if ctx.dense_dw:   # every tap's gradient: no line lists
             t_lines = t_items = t_count = w_lines = w_items = w_count = None
-        gt, gw, gb = torch.ops.slak_triton.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1], need_b, t_lines,
-                                                            t_items, t_count, w_lines, w_items, w_count)
+        gt, gw, gb = ops.lk_conv2d_bwd_dw(x, dy, kt[0], kt[1], kw[0], kw[1], need_b, t_lines, t_items, t_count,
+                                          w_lines, w_items, w_count)
         dwt = gt.to(wt.dtype) if kt[0] else None
         dww = gw.to(ww.dtype) if kw[0] else None
         db = gb.to(x.dtype) if need_b else None
     return dx, dwt, dww, db, None, None, None, None, None, None, None, None
 
 
+def _fwd_backward(ctx, dy):
+    return _backward(ctx, dy, torch.ops.slak_triton)
+
+
 register_autograd("slak_triton::lk_conv2d_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+#: The functions behind the ops, by op name, for the eager path's backward.
+_EAGER_OPS = types.SimpleNamespace(lk_conv2d_fwd=_lk_conv2d_fwd, lk_conv2d_bwd=_lk_conv2d_bwd,
+                                   lk_conv2d_bwd_dw=_lk_conv2d_bwd_dw)
+
+
+class _LkConv2dEager(torch.autograd.Function):
+    """``torch.ops.slak_triton.lk_conv2d_fwd`` with its registered backward, for eager calls on plain tensors:
+    the same functions and launches without torch.library's dispatch, which costs more than the op's own Python
+    (measured on the development CPU, launch stubbed, a forward with autograd: 160 us through the op, 50-70 through
+    this Function, 30 for the function alone; bench/NOTES.md). Traced calls take the op (``_eager_ok``). Written
+    with ``ctx`` in ``forward``: a separate ``setup_context`` makes ``apply`` bind its arguments by signature,
+    another 50 us (functorch transforms, which would need it, take the op)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with set_wrap_triton_enabled(False):   # (nothing is traced here: launch the kernels themselves)
+            out = _lk_conv2d_fwd(*inputs)
+        _fwd_setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        with set_wrap_triton_enabled(False):
+            return _backward(ctx, dy, _EAGER_OPS)
+
+
+def _eager_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call can skip the op's dispatch (``_LkConv2dEager``): nothing traces it (torch.compile, a
+    dispatch mode such as make_fx or FakeTensorMode, functorch transforms) and every tensor is a plain one
+    (subclasses such as DTensor dispatch through the op)."""
+    return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+            and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1315,6 +1366,11 @@ def lk_conv2d(
     meta_t, meta_w = slot_metadata(weights, masks)
     wt, ww = fold_branches(weights, masks, dense_weight_grad)
     none3 = (None, None, None)
+    args = (x, wt, ww, bias, *(meta_t or none3), *(meta_w or none3), False, dense_weight_grad)
     with torch.autocast(x.device.type, enabled=False):
-        return torch.ops.slak_triton.lk_conv2d_fwd(x, wt, ww, bias, *(meta_t or none3), *(meta_w or none3), False,
-                                                   dense_weight_grad)
+        if not _eager_ok(x, wt, ww, bias):
+            return torch.ops.slak_triton.lk_conv2d_fwd(*args)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, wt, ww, bias)):
+            return _LkConv2dEager.apply(*args)
+        with set_wrap_triton_enabled(False):   # (no gradient: the function alone)
+            return _lk_conv2d_fwd(*args)
