@@ -262,7 +262,7 @@ def launch_plans(kind, N, C, H, W, K, dtype, density):
     'dw' (weight and bias gradients) or 'bwd' (all three in one fused launch; 16-bit on small planes only); density < 1: a line-sparse call in which that fraction of each slot's lines
     is active (expected trip counts). Each candidate lists the op's launches: one kernel (the per-call line
     metadata are a few tensor ops on [C, K, 5] masks, dW's fixed-order sum of its S x C x 2 x 5K fp32 partials
-    reads under 1 MB, and the fp32 forward's bf16 splits of the weights are 3 x 2 x C x 5K elements: all left
+    reads under 1 MB and is skipped where S = 1, and the fp32 forward's bf16 splits of the weights are 3 x 2 x C x 5K elements: all left
     out); the fp32 split forward on 64-padded planes and the fp32 split weight gradient on 32- and 64-padded ones
     (sm_90's launches) list one launch per pass."""
     eb = 4 if dtype == "float32" else 2

@@ -1152,6 +1152,15 @@ def _lk_conv2d_fwd(
 lk_conv2d_fwd_op = triton_op("slak_triton::lk_conv2d_fwd", mutates_args={})(_lk_conv2d_fwd)
 
 
+def _absent_as_empty(x: torch.Tensor, gt, gw, gb) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ops' (tall, wide, bias) gradients, each that was not computed (None) as an fp32 tensor with zero
+    elements ([C, 0, 0], [C, 0, 0], [0]): an op's schema returns tensors, not None."""
+    C = x.shape[1]
+    empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
+    return (gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
+            gb if gb is not None else empty(0))
+
+
 def _lk_conv2d_bwd_dw(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -1171,13 +1180,10 @@ def _lk_conv2d_bwd_dw(
     bias [C]) of ``lk_conv2d_fwd`` for forward input ``x`` and output gradient ``dy``; a slot or bias that is not
     asked for (size 0) comes back with zero elements. With line metadata, only active lines are computed (inactive
     taps get 0). Deterministic."""
-    C = x.shape[1]
     gt, gw, gb = launch_lk_conv2d_bwd_dw(x, dy, (kh_t, kw_t) if kh_t else None, (kh_w, kw_w) if kh_w else None,
                                          need_bias, sparse_t=_meta(t_lines, t_items, t_count),
                                          sparse_w=_meta(w_lines, w_items, w_count))
-    empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
-    return (gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
-            gb if gb is not None else empty(0))
+    return _absent_as_empty(x, gt, gw, gb)
 
 
 lk_conv2d_bwd_dw_op = triton_op("slak_triton::lk_conv2d_bwd_dw", mutates_args={})(_lk_conv2d_bwd_dw)
@@ -1202,13 +1208,10 @@ def _lk_conv2d_bwd(
     and bias [C] gradients; an absent slot or a bias not asked for comes back with zero elements). One fused
     launch on small planes in 16-bit dtypes (``launch_lk_conv2d_bwd``). With line metadata, inactive lines' weights count 0 and
     their taps get 0 unless ``dense_dw``. Deterministic."""
-    C = x.shape[1]
     dx = _empty_like_layout(dy)
     _, gt, gw, gb = launch_lk_conv2d_bwd(x, dy, wt, ww, dx, need_bias, sparse_t=_meta(t_lines, t_items, t_count),
                                          sparse_w=_meta(w_lines, w_items, w_count), dense_dw=dense_dw)
-    empty = lambda *s: x.new_empty(s, dtype=torch.float32)  # noqa: E731
-    return (dx, gt if gt is not None else empty(C, 0, 0), gw if gw is not None else empty(C, 0, 0),
-            gb if gb is not None else empty(0))
+    return (dx, *_absent_as_empty(x, gt, gw, gb))
 
 
 lk_conv2d_bwd_op = triton_op("slak_triton::lk_conv2d_bwd", mutates_args={})(_lk_conv2d_bwd)
